@@ -1,0 +1,121 @@
+"""Small frozen values that travel through the pipeline: one model's spec, the threshold, the run's options.
+
+Validation happens here, with messages a user can act on (raised as ``UserError``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+N_SLICES = 65  # surface volumes hold slices 00.tif .. 64.tif
+BLOCK = 32  # the reference cuts fragments into 32 x 32 blocks; window origins and strides live on this grid
+ARCHS = ("2.5d", "csn3d")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One manifest entry: how to build a model, which slices it sees, where its weights are.
+
+    ``z_range`` is ``[start, stop)`` within the 65 slices. ``tile`` is the window side read from the fragment;
+    ``crop`` (optional) is the centred square of the window fed to the model (192 for the irCSN models).
+    The model's input is ``(B, z_stop - z_start, side, side)`` normalised float, its output ``(B, 1, side/32, side/32)``
+    logits, with ``side = crop or tile``.
+    """
+
+    name: str
+    arch: str
+    in_chans: int
+    z_range: tuple[int, int]
+    tile: int = 256
+    crop: int | None = None
+    backbone: str | None = None  # timm name, 2.5d only
+    num_3d_layer: int | None = None  # 2.5d only
+    depth: int | None = None  # csn3d only: 50 | 152, or None with stage_blocks
+    stage_blocks: tuple[int, ...] | None = (
+        None  # csn3d only: blocks per stage, overrides depth (small demo models)
+    )
+    file: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    weight: float = 1.0
+
+    @property
+    def n_slices(self) -> int:
+        return self.z_range[1] - self.z_range[0]
+
+    @property
+    def side(self) -> int:
+        """Side of the square the model sees (crop if any, else tile)."""
+        return self.crop or self.tile
+
+    @property
+    def offset(self) -> int:
+        """Offset of the model's square inside the window (0 without crop)."""
+        return (self.tile - self.side) // 2
+
+    @property
+    def groups(self) -> int:
+        """Number of slice groups of ``in_chans`` slices each (2.5d); the depth of the input (csn3d)."""
+        return self.n_slices // self.in_chans
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """Percentile threshold: ink where ``p > quantile(p[region], percentile)``.
+
+    region ``covered``: pixels in the mask that at least one window covered (the reference's default);
+    region ``mask``: every pixel in the mask (yukke's variant).
+    """
+
+    percentile: float = 0.93
+    region: str = "covered"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.percentile <= 1.0:
+            raise UserError(f"threshold percentile {self.percentile}: expected a number in [0, 1]")
+        if self.region not in ("covered", "mask"):
+            raise UserError(f"threshold region {self.region!r}: expected 'covered' or 'mask'")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Kaggle's limits by default: 9 hours, ~13 GB of host memory, one 16 GB GPU."""
+
+    hours: float = 9.0
+    host_mem_gb: float = 13.0
+    gpu_mem_gb: float = 16.0
+    safety_margin: float = 0.1  # fraction of the budget kept back when deciding whether a model still fits
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``submit`` run needs, resolved from the command line."""
+
+    data: Path
+    out: Path
+    manifest: Path
+    weights: Path | None = None
+    device: str = "auto"
+    stride: int = 32
+    tta: str = "scheduled"  # none | scheduled | full
+    threshold: ThresholdSpec | None = None  # None: the manifest's
+    dry_run: bool = False
+    max_windows: int = 64
+    scale_to: tuple[tuple[int, int], ...] = ()
+    allow_random_weights: bool = False
+    batch_size: int | None = None  # None: chosen from the device
+    budget: Budget = field(default_factory=Budget)
+    quiet: bool = False
+    previews: bool = True
+    on_model_error: str = "skip"  # skip | fail
+
+    def __post_init__(self) -> None:
+        if self.stride <= 0 or self.stride % BLOCK:
+            raise UserError(f"--stride {self.stride}: expected a positive multiple of {BLOCK}")
+        if self.tta not in ("none", "scheduled", "full"):
+            raise UserError(f"--tta {self.tta!r}: expected none, scheduled or full")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"--device {self.device!r}: expected auto, cpu or cuda")

@@ -1,0 +1,230 @@
+"""weights_manifest.json: schema, validation, file resolution, size + sha256 verification, and the ``hash`` CLI.
+
+Schema (format 1)::
+
+    {"format": 1, "name": str, "threshold": {"percentile": 0.93, "region": "covered"},
+     "models": [{"name", "arch": "2.5d" | "csn3d", "backbone" (2.5d), "depth" (csn3d), "in_chans",
+                 "num_3d_layer" (2.5d), "z_range": [start, stop), "tile", "crop" (optional), "file", "sha256",
+                 "size" (optional), "stage_blocks" (optional, csn3d), "weight"}]}
+
+Manifest order is priority order: when the time budget runs short, later models are the ones skipped.
+
+    python -m ink_infer.manifest hash --weights DIR [--manifest FILE]
+
+fills in ``size`` and ``sha256`` for the weight files present under DIR and says which are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ARCHS, N_SLICES, ModelSpec, ThresholdSpec
+from .errors import UserError
+
+TOP_KEYS = {"format", "name", "threshold", "models"}
+REQUIRED_MODEL_KEYS = {"name", "arch", "in_chans", "z_range", "tile", "file", "sha256"}
+OPTIONAL_MODEL_KEYS = {"backbone", "depth", "num_3d_layer", "crop", "size", "stage_blocks", "weight"}
+HASH_CHUNK = 1 << 20
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_MANIFEST = PACKAGE_DIR / "demo" / "demo_manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    name: str
+    threshold: ThresholdSpec
+    models: tuple[ModelSpec, ...]
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest; any problem is a ``UserError`` naming the file and the entry."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: manifest not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object with keys {sorted(TOP_KEYS)}")
+    unknown = set(raw) - TOP_KEYS
+    missing = {"format", "models"} - set(raw)
+    if unknown or missing:
+        raise UserError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    if raw["format"] != 1:
+        raise UserError(f"{path}: format {raw['format']!r}, expected 1")
+    thr = raw.get("threshold", {})
+    if not isinstance(thr, dict) or set(thr) - {"percentile", "region"}:
+        raise UserError(f"{path}: threshold must be {{'percentile': float, 'region': 'covered'|'mask'}}")
+    try:
+        threshold = ThresholdSpec(**thr)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    entries = raw["models"]
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path}: 'models' must be a non-empty list")
+    models = tuple(_parse_entry(path, i, e) for i, e in enumerate(entries))
+    names = [m.name for m in models]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"{path}: duplicate model names {dupes}")
+    return Manifest(path=path, name=str(raw.get("name", path.stem)), threshold=threshold, models=models)
+
+
+def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
+    where = f"{path}: models[{index}]"
+    if not isinstance(e, dict):
+        raise UserError(f"{where}: expected an object")
+    where = f"{path}: model {e.get('name', index)!r}"
+    unknown = set(e) - REQUIRED_MODEL_KEYS - OPTIONAL_MODEL_KEYS
+    missing = REQUIRED_MODEL_KEYS - set(e)
+    if unknown or missing:
+        raise UserError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    arch = e["arch"]
+    if arch not in ARCHS:
+        raise UserError(f"{where}: arch {arch!r}, expected one of {list(ARCHS)}")
+    z = e["z_range"]
+    if not (isinstance(z, list) and len(z) == 2 and all(isinstance(v, int) for v in z)):
+        raise UserError(f"{where}: z_range {z!r}, expected [start, stop)")
+    if not 0 <= z[0] < z[1] <= N_SLICES:
+        raise UserError(f"{where}: z_range {z} outside the volume's {N_SLICES} slices")
+    tile, crop, in_chans = e["tile"], e.get("crop"), e["in_chans"]
+    if not isinstance(tile, int) or tile <= 0 or tile % 32:
+        raise UserError(f"{where}: tile {tile!r}, expected a positive multiple of 32")
+    if crop is not None and (
+        not isinstance(crop, int) or crop <= 0 or crop % 32 or crop > tile or (tile - crop) % 64
+    ):
+        raise UserError(
+            f"{where}: crop {crop!r}, expected a multiple of 32, at most tile, centred on the 32 grid"
+        )
+    if not isinstance(in_chans, int) or in_chans <= 0 or (z[1] - z[0]) % in_chans:
+        raise UserError(f"{where}: in_chans {in_chans!r} does not divide the {z[1] - z[0]} slices of z_range")
+    if arch == "2.5d" and (not e.get("backbone") or not isinstance(e.get("num_3d_layer"), int)):
+        raise UserError(f"{where}: a 2.5d model needs 'backbone' (a timm name) and 'num_3d_layer'")
+    if arch == "csn3d" and e.get("depth") not in (50, 101, 152) and not e.get("stage_blocks"):
+        raise UserError(f"{where}: a csn3d model needs 'depth' (50 or 152) or 'stage_blocks'")
+    file = e["file"]
+    if file is not None:
+        _check_relative(where, file)
+    sha = e["sha256"]
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+        raise UserError(f"{where}: sha256 {sha!r}, expected 64 hex digits or null")
+    blocks = e.get("stage_blocks")
+    return ModelSpec(
+        name=str(e["name"]),
+        arch=arch,
+        in_chans=in_chans,
+        z_range=(z[0], z[1]),
+        tile=tile,
+        crop=crop,
+        backbone=e.get("backbone"),
+        num_3d_layer=e.get("num_3d_layer"),
+        depth=e.get("depth"),
+        stage_blocks=tuple(blocks) if blocks else None,
+        file=file,
+        sha256=sha,
+        size=e.get("size"),
+        weight=float(e.get("weight", 1.0)),
+    )
+
+
+def _check_relative(where: str, file: object) -> None:
+    if not isinstance(file, str) or not file:
+        raise UserError(f"{where}: file {file!r}, expected a path under --weights or null")
+    p = Path(file)
+    if p.is_absolute() or ".." in p.parts:
+        raise UserError(f"{where}: file {file!r} escapes --weights (absolute or '..')")
+
+
+def resolve_weights(spec: ModelSpec, weights_dir: Path | None) -> Path:
+    """Path of ``spec.file`` under ``weights_dir``, confined to it (symlinks resolved); ``UserError`` otherwise."""
+    if spec.file is None:
+        raise UserError(
+            f"model {spec.name!r}: no weights file in the manifest (use --allow-random-weights for dry runs)"
+        )
+    if weights_dir is None:
+        raise UserError(f"model {spec.name!r}: needs --weights DIR holding {spec.file}")
+    root = Path(weights_dir).resolve()
+    path = (root / spec.file).resolve()
+    if root != path and root not in path.parents:
+        raise UserError(f"{spec.file}: resolves to {path}, outside --weights {root}")
+    if not path.is_file():
+        raise UserError(f"{root / spec.file}: weights for model {spec.name!r} not found")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    """Chunked sha256 of a file, so a multi-GB checkpoint is never held in memory to hash it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(spec: ModelSpec, path: Path) -> str:
+    """Check size, then sha256, against the manifest before anything is unpickled. Returns the file's sha256."""
+    size = path.stat().st_size
+    if spec.size is not None and size != spec.size:
+        raise UserError(f"{path}: {size} bytes, manifest says {spec.size} (truncated or wrong file?)")
+    digest = sha256_file(path)
+    if spec.sha256 is not None and digest != spec.sha256.lower():
+        raise UserError(
+            f"{path}: sha256 {digest[:12]}…, manifest says {spec.sha256[:12]}… (corrupt or wrong file?)"
+        )
+    return digest
+
+
+def hash_weights(manifest_path: Path, weights_dir: Path) -> tuple[list[str], list[str]]:
+    """Fill in size and sha256 of every present weight file; rewrite the manifest atomically.
+
+    Returns (names hashed, names missing)."""
+    manifest_path = Path(manifest_path)
+    load_manifest(manifest_path)  # validate first
+    raw = json.loads(manifest_path.read_text())
+    root = Path(weights_dir).resolve()
+    hashed, missing = [], []
+    for e in raw["models"]:
+        path = (root / e["file"]).resolve() if e.get("file") else None
+        if path is None or not path.is_file() or (root not in path.parents):
+            missing.append(f"{e['name']} ({e.get('file')})")
+            continue
+        e["size"] = path.stat().st_size
+        e["sha256"] = sha256_file(path)
+        hashed.append(e["name"])
+    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    tmp.write_text(json.dumps(raw, indent=1) + "\n")
+    os.replace(tmp, manifest_path)
+    return hashed, missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ink_infer.manifest", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("hash", help="fill in size and sha256 for the weight files present")
+    h.add_argument("--weights", type=Path, required=True)
+    h.add_argument("--manifest", type=Path, default=Path("weights_manifest.json"))
+    args = parser.parse_args(argv)
+    try:
+        if not args.weights.is_dir():
+            raise UserError(f"{args.weights}: --weights is not a directory")
+        hashed, missing = hash_weights(args.manifest, args.weights)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.manifest}: hashed {len(hashed)} file(s), {len(missing)} missing")
+    for m in missing:
+        print(f"  missing: {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Checkpoint files: verify, load safely, pick the EMA copy, check against the manifest, load strictly; and save.
+
+Accepted layouts (``.ckpt`` / ``.pt`` / ``.pth`` alike, the suffix is not trusted):
+
+* the team's PyTorch-Lightning file: ``{"state_dict": {"model.<key>": ..., "model_ema.module.<key>": ...},
+  "hyper_parameters": {...}, ...}``; the EMA copy is what the reference predicts with, so it wins when present;
+* a bare state dict ``{"<key>": tensor}``.
+
+Files are size + sha256 checked against the manifest before anything is unpickled, and unpickled with
+``weights_only=True`` only, so a file cannot run code. Every problem is a one-line ``UserError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import N_SLICES, ModelSpec
+from ..errors import UserError
+from ..manifest import verify_file
+
+EMA_PREFIX = "model_ema.module."
+MODEL_PREFIX = "model."
+MAX_LISTED = 4  # keys quoted in a mismatch message, so it stays one readable line
+
+
+def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> dict[str, Any]:
+    """Load ``path`` into ``model`` (in place, strict keys and shapes) after checking it against ``spec``.
+
+    Returns ``{"path", "sha256", "prefix" ("model_ema.module." | "model." | ""), "n_tensors",
+    "hyper_parameters" (dict or None)}`` for the run report. Raises ``UserError`` on any mismatch.
+    """
+    path = Path(path)
+    try:
+        digest = verify_file(spec, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read weights ({e.strerror or e})") from None
+    obj = _safe_load(path)
+    state, prefix, hparams = _extract_state_dict(obj, path)
+    if hparams is not None:
+        check_hyper_parameters(hparams, spec, path)
+    _check_keys(model, state, path)
+    model.load_state_dict(state, strict=True)
+    return {
+        "path": str(path),
+        "sha256": digest,
+        "prefix": prefix,
+        "n_tensors": len(state),
+        "hyper_parameters": _plain(hparams, strict=False),  # JSON-ready for the run report
+    }
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; anything else is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses globals (classes, functions) before calling them: the file would have run code.
+        # torch's own message advises weights_only=False; we name the offending global instead.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = f"it references {found.group(1)}" if found else _one_line(e)
+        raise UserError(
+            f"{path}: refused to unpickle, not plain tensors (weights_only=True): {why}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, IndexError, KeyError) as e:
+        # torch reports truncated zips and non-torch files as RuntimeError / EOFError / ValueError
+        why = _one_line(e)
+        raise UserError(
+            f"{path}: not a readable torch checkpoint (truncated or wrong file?): {why}"
+        ) from None
+
+
+def _one_line(e: BaseException) -> str:
+    """The first sentence of a (possibly many-line) exception message, shortened."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    return lines[0].split(". ")[0][:200]
+
+
+def _extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, Tensor], str, dict[str, Any] | None]:
+    """(bare state dict, prefix it was taken from, hyper_parameters or None)."""
+    if not isinstance(obj, Mapping):
+        raise UserError(
+            f"{path}: holds a {type(obj).__name__}, expected a state dict or a Lightning checkpoint"
+        )
+    hparams = obj.get("hyper_parameters")
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise UserError(f"{path}: hyper_parameters is a {type(hparams).__name__}, expected a dict")
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, Mapping):
+        raise UserError(f"{path}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
+    for prefix in (EMA_PREFIX, MODEL_PREFIX):
+        picked = {
+            k[len(prefix) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)
+        }
+        if picked:
+            break
+    else:
+        prefix, picked = "", dict(state)
+    not_tensors = [k for k, v in picked.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise UserError(f"{path}: entries that are not tensors: {_listed(not_tensors)}")
+    return picked, prefix, dict(hparams) if hparams is not None else None
+
+
+def _check_keys(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+    """Strict key + shape comparison, reported as one line (torch's own message is many lines)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{len(v)} {label}: {_listed(v)}"
+            for label, v in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+            if v
+        ]
+        raise UserError(f"{path}: does not fit the model: " + "; ".join(parts))
+
+
+def _listed(items: list[str]) -> str:
+    more = f", … (+{len(items) - MAX_LISTED})" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+def z_range_of(start_z: int | None, end_z: int | None) -> tuple[int, int]:
+    """``[start, stop)`` of ``volume[start_z:end_z]`` over the 65 slices (``end_z`` -15 means stop 50)."""
+    r = range(N_SLICES)[slice(start_z, end_z)]
+    return r.start, r.stop
+
+
+def check_hyper_parameters(hp: Mapping[str, Any], spec: ModelSpec, path: Path) -> None:
+    """The checkpoint's saved hyper-parameters must describe the model the manifest asks for."""
+    expected: dict[str, Any] = {"in_chans": spec.in_chans}
+    if spec.arch == "2.5d":
+        expected |= {"model_name": spec.backbone, "num_3d_layer": spec.num_3d_layer}
+    else:
+        expected["bottleneck_mode"] = "ir"
+        if spec.stage_blocks is None:
+            expected["depth"] = spec.depth
+    for field, want in expected.items():
+        if field not in hp:
+            continue
+        got = hp[field]
+        # the team's scripts pass depth as the string "50"
+        if (_as_int(got, field, path) if field == "depth" else got) != want:
+            raise UserError(
+                f"{path}: hyper_parameters {field}={got!r}, manifest model {spec.name!r} says {want!r}"
+            )
+    if (
+        "stage_blocks" in hp
+        and spec.stage_blocks is not None
+        and tuple(hp["stage_blocks"]) != spec.stage_blocks
+    ):
+        raise UserError(
+            f"{path}: hyper_parameters stage_blocks={hp['stage_blocks']!r}, manifest says {spec.stage_blocks}"
+        )
+    if "start_z" in hp or "end_z" in hp:
+        start, end = hp.get("start_z"), hp.get("end_z")
+        try:
+            got_z = z_range_of(start, end)
+        except TypeError:
+            raise UserError(
+                f"{path}: hyper_parameters start_z={start!r}, end_z={end!r}: expected integers"
+            ) from None
+        if got_z != tuple(spec.z_range):
+            raise UserError(
+                f"{path}: hyper_parameters start_z={start!r}, end_z={end!r} (slices {list(got_z)}), "
+                f"manifest model {spec.name!r} says z_range {list(spec.z_range)}"
+            )
+
+
+def _as_int(value: Any, field: str, path: Path) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: hyper_parameters {field}={value!r}, expected an integer") from None
+
+
+def hyper_parameters_for(spec: ModelSpec) -> dict[str, Any]:
+    """Reference-style ``hyper_parameters`` for ``spec`` (plain Python types, ``end_z`` negative like the team's)."""
+    start, stop = spec.z_range
+    end_z = stop - N_SLICES if stop < N_SLICES else N_SLICES  # -0 would select nothing
+    hp: dict[str, Any] = {"in_chans": spec.in_chans, "start_z": start, "end_z": end_z, "drop_path_rate": 0.2}
+    if spec.arch == "2.5d":
+        hp |= {"model_name": spec.backbone, "num_3d_layer": spec.num_3d_layer, "drop_rate": 0.4}
+    else:
+        hp |= {"depth": spec.depth, "bottleneck_mode": "ir"}
+        if spec.stage_blocks is not None:
+            hp["stage_blocks"] = list(spec.stage_blocks)
+    return hp
+
+
+def save_checkpoint(
+    model: nn.Module, path: Path, hyper_parameters: Mapping[str, Any], ema_model: nn.Module | None = None
+) -> None:
+    """Write the team's layout: ``state_dict`` with ``model.*`` and ``model_ema.module.*``, plus ``hyper_parameters``.
+
+    ``ema_model`` may be a timm ``ModelEmaV2`` (its ``.module`` is used) or a plain module; without it the model's
+    own weights are stored under both prefixes, so inference (which prefers the EMA copy) reads them. Tensors are
+    detached CPU copies; the file is written atomically (temporary file + rename).
+    """
+    ema = getattr(ema_model, "module", ema_model) if ema_model is not None else model
+    state: dict[str, Tensor] = {}
+    for prefix, source in ((MODEL_PREFIX, model), (EMA_PREFIX, ema)):
+        for k, v in source.state_dict().items():
+            state[prefix + k] = v.detach().to("cpu", copy=True)
+    payload = {"state_dict": state, "hyper_parameters": _plain(dict(hyper_parameters))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _plain(value: Any, *, strict: bool = True) -> Any:
+    """Plain Python containers and scalars only, so ``weights_only=True`` (and JSON) can read it back.
+
+    Non-plain values raise ``TypeError`` when ``strict``, else become their ``repr``."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, strict=strict) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, strict=strict) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if not strict:
+        return repr(value)
+    raise TypeError(f"hyper_parameters value {value!r} ({type(value).__name__}) is not a plain Python value")

@@ -1,0 +1,76 @@
+"""Run-length encoding of the submission, and writing submission.csv atomically.
+
+Pixels are numbered row-major (left to right, then top to bottom) from 1; runs are ``start length`` pairs. The
+encoder pads the flat mask with a zero on both sides, so runs touching the first or the last pixel are kept (the
+host's tutorial encoder dropped them).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """``(H, W)`` bool/0-1 mask -> ``"start length start length ..."`` (1-indexed, row-major); ``""`` if empty."""
+    flat = np.concatenate([[0], np.asarray(mask, dtype=np.uint8).ravel(), [0]])
+    changes = np.nonzero(flat[1:] != flat[:-1])[0] + 1  # 1-indexed positions where a run starts or ends
+    starts, ends = changes[::2], changes[1::2]
+    return " ".join(f"{s} {n}" for s, n in zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+
+
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of ``rle_encode``: ``(H, W)`` bool. Raises ValueError on malformed, overlapping or out-of-range runs."""
+    h, w = shape
+    flat = np.zeros(h * w, dtype=bool)
+    tokens = rle.split()
+    if len(tokens) % 2:
+        raise ValueError("odd number of values in RLE")
+    nums = np.array(tokens, dtype=np.int64).reshape(-1, 2)
+    last_end = 0
+    for start, length in nums.tolist():
+        if start < 1 or length < 1 or start <= last_end or start - 1 + length > h * w:
+            raise ValueError(f"run {start} {length} is not ascending, positive and inside {h}x{w}")
+        flat[start - 1 : start - 1 + length] = True
+        last_end = start - 1 + length
+    return flat.reshape(h, w)
+
+
+def write_submission(rows: Sequence[tuple[str, str]], path: Path) -> None:
+    """Write ``Id,Predicted`` rows to ``path`` atomically: a temp file in the same folder, fsync, then rename.
+
+    A reader never sees a half-written file: either the old one (or none) or the complete new one.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["Id", "Predicted"])
+    writer.writerows(rows)
+    atomic_write_text(Path(path), buf.getvalue())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text via a temp file and ``os.replace``; the temp file is removed if anything fails."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_submission(path: Path) -> list[tuple[str, str]]:
+    """Rows of a submission.csv (header checked)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] != ["Id", "Predicted"]:
+        raise ValueError(f"{path}: header is not Id,Predicted")
+    return [(r[0], r[1] if len(r) > 1 else "") for r in rows[1:]]

@@ -1,0 +1,74 @@
+"""Stitching: per-window probabilities summed into a fragment map, divided by how many windows covered each pixel.
+
+Semantics of the reference (PIPELINE.md §5.4–5.6): sigmoid, bilinear upsampling of each window's 1/32 output with
+``align_corners=True``, sum over windows, count masked by the fragment mask, ``sum / count`` where the count is
+positive and 0 elsewhere. The reference summed in float16; we sum in float32 (a sum of up to 64 probabilities has
+~0.03 resolution in float16, which is what made ties at the threshold common there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import BLOCK
+
+
+def upsample_probs(logits: torch.Tensor, side: int) -> torch.Tensor:
+    """``(B, 1, s, s)`` logits (any float dtype) -> ``(B, side, side)`` float32 probabilities on the same device.
+
+    Sigmoid first, then bilinear with align_corners=True, as the reference (probabilities, not logits, upsampled).
+    """
+    probs = torch.sigmoid(logits.float())
+    return F.interpolate(probs, size=(side, side), mode="bilinear", align_corners=True)[:, 0]
+
+
+class SumMap:
+    """A float32 sum map over the block grid ``(gh * 32, gw * 32)``, plus ``pad`` rows/cols windows may run into.
+
+    Lives on the compute device so windows are added where they were computed; only the finished map crosses to
+    the host. Pixels past the grid (the last ``H % 32`` rows, ``W % 32`` columns) and the padding are dropped at
+    the end: the reference gave them count 0, so probability 0.
+    """
+
+    def __init__(self, grid_shape: tuple[int, int], *, pad: int, device: torch.device) -> None:
+        gh, gw = grid_shape
+        self.shape = (gh * BLOCK, gw * BLOCK)
+        self.sum = torch.zeros((self.shape[0] + pad, self.shape[1] + pad), dtype=torch.float32, device=device)
+
+    def add(self, probs: torch.Tensor, ys: np.ndarray, xs: np.ndarray) -> None:
+        """Add ``(N, s, s)`` float32 probabilities whose top-left pixels are ``(ys[i], xs[i])``."""
+        s = probs.shape[-1]
+        for p, y, x in zip(probs, ys.tolist(), xs.tolist(), strict=True):
+            self.sum[y : y + s, x : x + s] += p
+
+    def to_numpy(self) -> np.ndarray:
+        """``(gh * 32, gw * 32)`` float32 on the host."""
+        return self.sum[: self.shape[0], : self.shape[1]].cpu().numpy()
+
+
+def expand_blocks(blocks: np.ndarray, shape: tuple[int, int], *, block: int = BLOCK) -> np.ndarray:
+    """Repeat a ``(gh, gw)`` block map to pixels and pad with zeros to ``shape`` (the image's (H, W))."""
+    full = np.zeros(shape, dtype=blocks.dtype)
+    gh, gw = blocks.shape
+    full[: gh * block, : gw * block] = np.repeat(np.repeat(blocks, block, axis=0), block, axis=1)
+    return full
+
+
+def finalize(sum_map: np.ndarray, count_blocks: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(H, W)`` float32 mean probability: ``sum / count`` inside the mask where covered, 0 elsewhere.
+
+    sum_map: ``(gh * 32, gw * 32)`` float32; count_blocks: ``(gh, gw)`` windows per block; mask: ``(H, W)`` bool.
+    """
+    count = expand_blocks(count_blocks, mask.shape).astype(np.float32)
+    count *= mask
+    prob = np.zeros(mask.shape, dtype=np.float32)
+    gh, gw = sum_map.shape
+    np.divide(sum_map, count[:gh, :gw], out=prob[:gh, :gw], where=count[:gh, :gw] > 0)
+    return prob
+
+
+def covered_mask(count_blocks: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool: in the mask and covered by at least one window."""
+    return expand_blocks(count_blocks > 0, mask.shape) & mask

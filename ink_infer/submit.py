@@ -1,0 +1,196 @@
+"""``python -m ink_infer.submit``: arguments -> one frozen RunConfig -> pipeline.run -> files. No logic here.
+
+    python -m ink_infer.submit --data /kaggle/input --weights /kaggle/input/<weights> --out /kaggle/working
+    python -m ink_infer.submit --demo --out demo_out
+    python -m ink_infer.submit --data DIR --dry-run --allow-random-weights --scale-to 8181x6330
+
+Exit codes: 0 success, 2 bad input or arguments (one line on stderr, no traceback), 1 when no model finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import Budget, RunConfig, ThresholdSpec
+from .errors import ModelRunError, UserError
+from .manifest import DEMO_MANIFEST
+from .report import format_table
+
+log = logging.getLogger("ink_infer")
+
+DEFAULT_MANIFEST = Path("weights_manifest.json")
+DEMO_TEST = (("a", 384, 512), ("b", 320, 448))
+DEMO_SEED = 20230614  # not a training seed: the demo scores held-out fragments
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as every user error
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m ink_infer.submit", description="Vesuvius ink detection: ensemble -> submission.csv"
+    )
+    p.add_argument(
+        "--data", type=Path, help="/kaggle/input, the competition folder, or a folder of fragment dirs"
+    )
+    p.add_argument(
+        "--manifest", type=Path, default=None, help="weights_manifest.json (default: ./weights_manifest.json)"
+    )
+    p.add_argument("--weights", type=Path, default=None, help="folder holding the manifest's weight files")
+    p.add_argument(
+        "--out", type=Path, default=Path("."), help="where submission.csv, report.json, previews/ go"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--stride", type=int, default=32, help="window stride in pixels, a multiple of 32 (reference: 32)"
+    )
+    p.add_argument("--tta", default="scheduled", choices=["none", "scheduled", "full"])
+    p.add_argument("--threshold", type=float, default=None, help="percentile (default: the manifest's, 0.93)")
+    p.add_argument("--threshold-region", choices=["covered", "mask"], default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--dry-run", action="store_true", help="run a sample of windows per model and project the full run"
+    )
+    p.add_argument("--max-windows", type=int, default=64, help="windows per fragment and model in a dry run")
+    p.add_argument(
+        "--scale-to", action="append", default=[], metavar="HxW", help="also project a fragment of this size"
+    )
+    p.add_argument(
+        "--allow-random-weights", action="store_true", help="run entries without weights with random init"
+    )
+    p.add_argument("--budget-hours", type=float, default=9.0)
+    p.add_argument("--host-mem-gb", type=float, default=13.0)
+    p.add_argument("--gpu-mem-gb", type=float, default=16.0)
+    p.add_argument("--on-model-error", choices=["skip", "fail"], default="skip")
+    p.add_argument("--no-previews", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--demo", action="store_true", help="generate a synthetic test set under OUT and run the demo models"
+    )
+    return p
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--scale-to {text!r}: expected HxW, e.g. 8181x6330") from None
+    if h <= 0 or w <= 0:
+        raise UserError(f"--scale-to {text!r}: sizes must be positive")
+    return h, w
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    data, manifest, weights, allow_random = args.data, args.manifest, args.weights, args.allow_random_weights
+    if args.demo:
+        data = make_demo_data(args.out)
+        manifest = manifest or DEMO_MANIFEST
+        weights = weights or DEMO_MANIFEST.parent
+        allow_random = True
+    if data is None:
+        raise UserError("--data DIR is required (or --demo)")
+    threshold = None
+    if args.threshold is not None or args.threshold_region is not None:
+        from .manifest import load_manifest
+
+        base = load_manifest(manifest or DEFAULT_MANIFEST).threshold
+        threshold = ThresholdSpec(
+            percentile=base.percentile if args.threshold is None else args.threshold,
+            region=args.threshold_region or base.region,
+        )
+    return RunConfig(
+        data=data, out=args.out, manifest=manifest or DEFAULT_MANIFEST, weights=weights, device=args.device,
+        stride=args.stride, tta=args.tta, threshold=threshold, dry_run=args.dry_run, max_windows=args.max_windows,
+        scale_to=tuple(parse_size(s) for s in args.scale_to), allow_random_weights=allow_random,
+        batch_size=args.batch_size, budget=Budget(args.budget_hours, args.host_mem_gb, args.gpu_mem_gb),
+        quiet=args.quiet, previews=not args.no_previews, on_model_error=args.on_model_error,
+    )  # fmt: skip
+
+
+def make_demo_data(out: Path) -> Path:
+    """A small synthetic Kaggle-layout test set under OUT/demo_data (kept if already there)."""
+    from .synthetic import write_dataset
+
+    root = out / "demo_data"
+    comp = root / "vesuvius-challenge-ink-detection"
+    if not (comp / "sample_submission.csv").exists():
+        log.info("writing the synthetic demo test set to %s", root)
+        comp = write_dataset(root, test=DEMO_TEST, seed=DEMO_SEED)
+    return comp
+
+
+def demo_scores(data: Path, out: Path) -> dict[str, float]:
+    """F0.5 of the submission against the synthetic ground truth (OUT/demo_data/ground_truth/<id>.png)."""
+    import cv2
+
+    from .metrics import fbeta
+    from .rle import read_submission, rle_decode
+
+    scores = {}
+    for frag_id, rle in read_submission(out / "submission.csv"):
+        truth = cv2.imread(str(data.parent / "ground_truth" / f"{frag_id}.png"), cv2.IMREAD_GRAYSCALE)
+        if truth is not None:
+            scores[frag_id] = fbeta(rle_decode(rle, truth.shape), truth > 0)
+    return scores
+
+
+TABLE = [
+    ("name", "model", "s"),
+    ("status", "status", "s"),
+    ("windows", "windows", "d"),
+    ("ms_per_window", "ms/window", ".1f"),
+    ("projected_h", "projected h", ".3f"),
+    ("gpu_gib", "peak GPU GiB", ".2f"),
+    ("host_gib", "peak host GiB", ".2f"),
+]
+
+
+def table_rows(report: dict) -> list[dict]:
+    rows = []
+    for m in report["models"]:
+        frags = m["fragments"].values()
+        windows = sum(f["windows"] for f in frags)
+        seconds = sum(f["seconds"] for f in frags)
+        gpu = m.get("gpu_peak_gib") or {}
+        rows.append({
+            "name": m["name"], "status": m["status"], "windows": windows,
+            "ms_per_window": 1000 * seconds / windows if windows else None,
+            "projected_h": m.get("projected_hours"), "gpu_gib": gpu.get("reserved"), "host_gib": m.get("host_peak_gib"),
+        })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    from . import pipeline  # torch and timm load here, after the arguments are known to be well-formed
+
+    try:
+        cfg = config_from_args(args)
+        report = pipeline.run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModelRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(table_rows(report), TABLE))
+    if "submission" in report:
+        print(f"wrote {report['submission']['path']}, {cfg.out / 'report.json'}, {cfg.out / 'previews'}/")
+    else:
+        print(f"wrote {cfg.out / 'report.json'} (dry run: no submission)")
+    if args.demo:
+        for frag_id, f05 in demo_scores(cfg.data, cfg.out).items():
+            print(f"demo: fragment {frag_id} F0.5 = {f05:.3f} against the synthetic ground truth")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

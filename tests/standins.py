@@ -1,0 +1,75 @@
+"""Analytic stand-in models and an in-memory volume: they drive the real predictor with exactly checkable output."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ConstantModel(nn.Module):
+    """Logit ``c`` everywhere: the stitched map must be ``sigmoid(c)`` over the covered mask, 0 elsewhere."""
+
+    def __init__(self, c: float = 0.5) -> None:
+        super().__init__()
+        self.c = c
+        self.calls = 0
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.seen += len(x)
+        return torch.full((len(x), 1, x.shape[-2] // 32, x.shape[-1] // 32), self.c, dtype=x.dtype)
+
+
+class PooledInputModel(nn.Module):
+    """Mean over slices, average-pooled to 1/32, plus a position ramp: depends on the input AND is not
+    flip-symmetric, so a wrong window, normalisation, flip or un-flip changes its output."""
+
+    def __init__(self, ramp: float = 0.0) -> None:
+        super().__init__()
+        self.ramp = ramp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = nn.functional.avg_pool2d(x.float().mean(1, keepdim=True), 32)
+        s = pooled.shape[-1]
+        ramp = (
+            torch.arange(s, dtype=torch.float32).view(1, 1, 1, s)
+            - torch.arange(s, dtype=torch.float32).view(1, 1, s, 1) * 0.5
+        )
+        return (pooled + self.ramp * ramp).to(x.dtype)
+
+
+class ArrayVolume:
+    """A ``(65, H, W)`` uint16 array with the Volume interface the predictor uses."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+        self.height, self.width = data.shape[1:]
+
+    def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        band = np.zeros((z1 - z0, y1 - y0, self.width), dtype=np.uint16) if out is None else out
+        band[...] = 0
+        rows = self.data[z0:z1, y0 : min(y1, self.height)]
+        band[:, : rows.shape[1]] = rows
+        return band
+
+    def patch_at(self, i: int, j: int) -> np.ndarray:
+        return self.data[:, i * 32 : (i + 1) * 32, j * 32 : (j + 1) * 32].astype(np.float32) / 65535.0
+
+
+def random_volume(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(10000, 50000, size=(1, h, w))
+    return (base + rng.integers(0, 8000, size=(65, h, w))).astype(np.uint16)
+
+
+def blob_mask(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """An irregular mask touching some borders, with a hole."""
+    yy, xx = np.mgrid[:h, :w]
+    rng = np.random.default_rng(seed)
+    cy, cx = h * rng.uniform(0.4, 0.6), w * rng.uniform(0.4, 0.6)
+    r = np.hypot((yy - cy) / h, (xx - cx) / w)
+    mask = r < 0.45 + 0.05 * np.sin(np.arctan2(yy - cy, xx - cx) * 5)
+    mask &= np.hypot(yy - cy, xx - cx) > min(h, w) * 0.08
+    return mask
