@@ -144,20 +144,28 @@ def _check_relative(where: str, file: object) -> None:
         raise UserError(f"{where}: file {file!r} escapes --weights (absolute or '..')")
 
 
-def resolve_weights(spec: ModelSpec, weights_dir: Path | None) -> Path:
-    """Path of ``spec.file`` under ``weights_dir``, confined to it (symlinks resolved); ``UserError`` otherwise."""
-    if spec.file is None:
-        raise UserError(
-            f"model {spec.name!r}: no weights file in the manifest (use --allow-random-weights for dry runs)"
-        )
-    if weights_dir is None:
-        raise UserError(f"model {spec.name!r}: needs --weights DIR holding {spec.file}")
+def find_weights(spec: ModelSpec, weights_dir: Path | None) -> Path | None:
+    """Path of ``spec.file`` under ``weights_dir`` (symlinks resolved), or None when absent.
+
+    A path that resolves outside ``weights_dir`` is a ``UserError`` whether or not it exists."""
+    if spec.file is None or weights_dir is None:
+        return None
     root = Path(weights_dir).resolve()
     path = (root / spec.file).resolve()
     if root != path and root not in path.parents:
         raise UserError(f"{spec.file}: resolves to {path}, outside --weights {root}")
-    if not path.is_file():
-        raise UserError(f"{root / spec.file}: weights for model {spec.name!r} not found")
+    return path if path.is_file() else None
+
+
+def resolve_weights(spec: ModelSpec, weights_dir: Path | None) -> Path:
+    """Path of ``spec.file`` under ``weights_dir``, confined to it; ``UserError`` naming what is missing."""
+    if spec.file is None:
+        raise UserError(f"model {spec.name!r}: no weights file in the manifest (use --allow-random-weights for dry runs)")
+    if weights_dir is None:
+        raise UserError(f"model {spec.name!r}: needs --weights DIR holding {spec.file}")
+    path = find_weights(spec, weights_dir)
+    if path is None:
+        raise UserError(f"{Path(weights_dir) / spec.file}: weights for model {spec.name!r} not found")
     return path
 
 

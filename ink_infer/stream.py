@@ -136,6 +136,16 @@ class SlabReader:
         self._thread.join(timeout=5)
 
 
+def rows_per_band_for(n_slices: int, width: int, *, tile: int, budget_bytes: int) -> int:
+    """Origin rows per band so that one band of uint16 rows (``tile + (k - 1) * 32`` of them) fits the budget.
+
+    Bigger bands mean fewer, larger batches; smaller ones less host and device memory. At least 1, at most 16.
+    """
+    row_bytes = n_slices * width * 2
+    k = (budget_bytes // max(row_bytes, 1) - tile) // BLOCK + 1
+    return int(min(16, max(1, k)))
+
+
 def keep_pixels(touched: np.ndarray, rows: tuple[int, int], width: int, *, block: int = BLOCK) -> np.ndarray:
     """``(y1 - y0, width)`` bool: pixels of rows ``[y0, y1)`` whose block is read (touches the mask, on the grid).
 

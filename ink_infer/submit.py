@@ -165,6 +165,21 @@ def table_rows(report: dict) -> list[dict]:
     return rows
 
 
+def format_verdicts(p: dict) -> str:
+    lines = [
+        f"projected time, these fragments: {p['hours']:.2f} h of {p['budget_hours_after_margin']:.2f} h "
+        f"(budget {p['budget_hours']:g} h less the safety margin): {p['hours_verdict']}"
+    ]
+    for size, v in p["hours_scaled"].items():
+        lines.append(f"projected time, a {size} fragment: {v['hours']:.2f} h: {v['verdict']}")
+    gpu = "-" if p["gpu_peak_gib"] is None else f"{p['gpu_peak_gib']:.2f} GiB"
+    lines.append(f"peak GPU memory {gpu}: {p['gpu_verdict']}")
+    lines.append(f"peak host memory {p['host_peak_gib']:.2f} GiB: {p['host_verdict']}")
+    if p["models_not_ok"]:
+        lines.append(f"models that did not run: {', '.join(p['models_not_ok'])}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -185,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if "submission" in report:
         print(f"wrote {report['submission']['path']}, {cfg.out / 'report.json'}, {cfg.out / 'previews'}/")
     else:
+        print(format_verdicts(report["projection"]))
         print(f"wrote {cfg.out / 'report.json'} (dry run: no submission)")
     if args.demo:
         for frag_id, f05 in demo_scores(cfg.data, cfg.out).items():

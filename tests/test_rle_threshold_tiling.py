@@ -65,11 +65,14 @@ def test_threshold_matches_numpy_quantile_and_is_strict():
 
 
 def test_threshold_above_2_pow_24_pixels():
-    n = (1 << 24) + 4099
-    values = np.arange(n, dtype=np.float32)[::-1].copy()
-    region = np.ones(n, dtype=bool)
-    thr = percentile_threshold(values, region, 0.93)
-    assert thr == pytest.approx(0.93 * (n - 1), rel=1e-9)
+    n = (1 << 24) + 65536  # torch.quantile refuses inputs above 2**24 elements
+    rng = np.random.default_rng(2)
+    prob = rng.random(n, dtype=np.float32)
+    region = rng.random(n) < 0.999
+    thr = percentile_threshold(prob, region, 0.93)
+    assert region.sum() > 1 << 24
+    assert thr == pytest.approx(np.quantile(prob[region].astype(np.float64), 0.93), rel=1e-12)
+    assert (prob[region] > thr).mean() == pytest.approx(0.07, abs=1e-6)
 
 
 def test_threshold_on_empty_region_gives_empty_prediction():

@@ -1,0 +1,61 @@
+# The notebook's commands: kaggle/submission.ipynb holds this file verbatim in a %%bash cell, and
+# kaggle/rehearse.sh runs that cell. Edit here, then `python kaggle/make_notebook.py`.
+# On Kaggle: INPUT=/kaggle/input, WORKING=/kaggle/working, PYTHON=the kernel's python, internet off.
+set -euo pipefail
+INPUT="${INPUT:-/kaggle/input}"
+WORKING="${WORKING:-/kaggle/working}"
+PYTHON="${PYTHON:-python3}"
+SUBMIT_ARGS="${SUBMIT_ARGS:-}" # empty on Kaggle; the rehearsal adds --allow-random-weights for the demo manifest
+
+# Datasets mount at $INPUT/<slug>/ or, on newer images, $INPUT/datasets/<owner>/<slug>/.
+find_one() { # find_one WHAT FILE...: the one folder holding the given paths, or a one-line error
+  local what="$1" dirs
+  shift
+  dirs="$(for f in "$@"; do dirname "$f"; done | sort -u)"
+  if [[ -z "$dirs" ]]; then
+    echo "error: no $what under $INPUT: add that dataset to the notebook (see kaggle/README.md)" >&2
+    return 2
+  elif [[ "$(wc -l <<<"$dirs")" -gt 1 ]]; then
+    echo "error: several $what datasets, keep one: $(tr '\n' ' ' <<<"$dirs")" >&2
+    return 2
+  fi
+  echo "$dirs"
+}
+
+main() {
+  shopt -s nullglob
+  local bundle manifest weights first hits
+  bundle="$(find_one "ink_infer-*.whl (the bundle from build_wheels.sh)" \
+    "$INPUT"/*/ink_infer-*.whl "$INPUT"/datasets/*/*/ink_infer-*.whl)"
+  echo "bundle:  $bundle ($(cd "$bundle" && echo ink_infer-*.whl))"
+  # --no-deps: pip must never touch Kaggle's preinstalled torch/timm/numpy/opencv (and a cv2 from
+  # opencv-python-headless would not satisfy the `opencv-python` requirement by name); the imports below check them
+  "$PYTHON" -m pip install --no-index --no-deps --find-links "$bundle" ink_infer
+  "$PYTHON" -c 'import torch, timm, numpy, tifffile, cv2, scipy, tqdm' ||
+    { echo "error: a dependency of ink_infer is missing from this image (see above); add its wheel with build_wheels.sh --extra" >&2; exit 2; }
+  "$PYTHON" -c 'import ink_infer, sys; print("python: ", sys.executable, sys.version.split()[0]); print("package:", ink_infer.__file__, ink_infer.__version__)'
+
+  manifest="$(find_one "weights_manifest.json (the weights dataset)" \
+    "$INPUT"/*/weights_manifest.json "$INPUT"/*/*/weights_manifest.json \
+    "$INPUT"/datasets/*/*/weights_manifest.json "$INPUT"/datasets/*/*/*/weights_manifest.json)/weights_manifest.json"
+  # The weights may sit beside the manifest or, after an archive upload (-r tar/zip), a level deeper:
+  # the weights dir is wherever the manifest's first file is found.
+  first="$("$PYTHON" -c 'import json, sys; print(next((m["file"] for m in json.load(open(sys.argv[1]))["models"] if m.get("file")), ""))' "$manifest")"
+  weights="$(dirname "$manifest")"
+  if [[ -n "$first" && ! -f "$weights/$first" ]]; then
+    hits=("$weights"/*/"$first" "$INPUT"/*/"$first" "$INPUT"/*/*/"$first" "$INPUT"/datasets/*/*/"$first" "$INPUT"/datasets/*/*/*/"$first")
+    if [[ ${#hits[@]} -gt 0 ]]; then weights="${hits[0]%/"$first"}"; fi
+  fi
+  echo "weights: $weights (manifest $manifest)"
+
+  local extra=()
+  read -r -a extra <<<"$SUBMIT_ARGS"
+  cd "$WORKING"
+  "$PYTHON" -m ink_infer.submit --data "$INPUT" --manifest "$manifest" --weights "$weights" --out "$WORKING" \
+    ${extra[@]+"${extra[@]}"}
+  echo "submission: $WORKING/submission.csv, $(($(wc -l <"$WORKING/submission.csv") - 1)) rows"
+}
+
+# A %%bash cell feeds this text to bash on stdin: run everything with stdin closed, so no command can read
+# (and swallow) the rest of the script.
+main </dev/null
