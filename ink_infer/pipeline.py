@@ -31,7 +31,7 @@ from .rle import rle_encode, write_submission
 from .stitch import covered_mask, finalize
 from .threshold import binarize
 from .tiling import coverage_blocks, spread_sample, touched_blocks, tta_ops, window_origins
-from .tuning import tune
+from .tuning import cap_gpu_memory, tune
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ def run(cfg: RunConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes (the last batch is padded)
+    gpu_fraction = cap_gpu_memory(device, cfg.budget.gpu_mem_gb)
     for s in states:
         warnings.extend(s.notes)
     for w in warnings:
@@ -157,6 +158,7 @@ def run(cfg: RunConfig) -> dict:
         "tta": cfg.tta,
         "threshold": {"percentile": threshold.percentile, "region": threshold.region},
         "environment": environment(device),
+        "gpu_memory_fraction": gpu_fraction,
         "warnings": warnings,
         "fragments": {s.fragment.id: {"shape": list(s.shape), "windows": len(s.origins)} for s in states},
         "models": [],
