@@ -79,7 +79,9 @@ def main() -> None:
     p.add_argument("--size", default="8181x6330")
     p.add_argument("--minutes", type=float, default=7.0, help="time budget for the ensemble run itself")
     p.add_argument("--models", type=int, default=18, help="first N manifest entries")
-    p.add_argument("--fast-data", action="store_true", help="noise slices and an elliptic mask, written in seconds")
+    p.add_argument(
+        "--fast-data", action="store_true", help="noise slices and an elliptic mask, written in seconds"
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import logging
@@ -91,7 +93,9 @@ def main() -> None:
     t0 = time.perf_counter()
     comp = args.work / "vesuvius-challenge-ink-detection"
     if not (comp / "sample_submission.csv").exists():
-        comp = write_fast(comp, h, w) if args.fast_data else write_dataset(args.work, test=[("a", h, w)], seed=1)
+        comp = (
+            write_fast(comp, h, w) if args.fast_data else write_dataset(args.work, test=[("a", h, w)], seed=1)
+        )
     print(f"synthetic 65x{h}x{w} ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     manifest = load_manifest(ROOT / "weights_manifest.json")
@@ -136,13 +140,19 @@ def summarize(report: dict, flops: dict, peak: float | None, run_s: float, out: 
             "read_wait": sum(f["wait_read_s"] for f in frags), "seconds": m["seconds"],
             "gpu": (m.get("gpu_peak_gib") or {}).get("reserved"),
         })  # fmt: skip
-    projected = sum(by_twin.get(m["name"].rsplit("_fold", 1)[0], 0.0) for m in report["models"] if m["status"] != "ok")
+    projected = sum(
+        by_twin.get(m["name"].rsplit("_fold", 1)[0], 0.0) for m in report["models"] if m["status"] != "ok"
+    )
     cols = [("name", "model", "s"), ("status", "status", "s"), ("windows", "windows", "d"), ("wps", "win/s", ".0f"),
             ("tflops", "TFLOP/s", ".1f"), ("pct", "% peak", ".1f"), ("batch", "batch", "d"), ("cl", "ch_last", "s"),
             ("read_wait", "read wait s", ".1f"), ("seconds", "model s", ".1f"), ("gpu", "GPU GiB", ".2f")]  # fmt: skip
     print(format_table(rows, cols))
     ens = total_model_s + projected
-    t4 = sum(flops[m["name"].rsplit("_fold", 1)[0]] * sum(f["windows"] for f in m["fragments"].values()) for m in report["models"] if m["status"] == "ok")
+    t4 = sum(
+        flops[m["name"].rsplit("_fold", 1)[0]] * sum(f["windows"] for f in m["fragments"].values())
+        for m in report["models"]
+        if m["status"] == "ok"
+    )
     summary = {
         "rows": rows, "run_seconds": run_s, "models_seconds_measured": total_model_s,
         "models_seconds_projected_for_skipped": projected, "ensemble_seconds": ens,

@@ -84,7 +84,10 @@ def main() -> None:
     data = args.work / f"{h}x{w}"
     comp = data / "vesuvius-challenge-ink-detection"
     if not (comp / "sample_submission.csv").exists():
-        subprocess.run([sys.executable, "-m", "ink_infer.synthetic", str(data), "--train", "0", "--test", f"a:{h}x{w}"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "ink_infer.synthetic", str(data), "--train", "0", "--test", f"a:{h}x{w}"],
+            check=True,
+        )
     frag = comp / "test" / "a"
     disk = sum(f.stat().st_size for f in (frag / "surface_volume").glob("*.tif"))
     gib = 1024**3

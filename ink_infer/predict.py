@@ -96,17 +96,31 @@ def window_affine(sums: torch.Tensor, rb: torch.Tensor, cb: torch.Tensor, *, sid
     return scale.float().view(-1, 1, 1, 1), shift.float().view(-1, 1, 1, 1)
 
 
-def cut_windows(held: torch.Tensor, rows: np.ndarray, cols: np.ndarray, ops: np.ndarray, *, side: int) -> torch.Tensor:
-    """``(B, nz, side, side)`` float32 raw windows cut from the held int16 band, each flipped by its op.
+def cut_windows(
+    held: torch.Tensor, rows: np.ndarray, cols: np.ndarray, ops: np.ndarray, *, side: int, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """``(B, nz, side, side)`` float32 normalised windows ``raw * scale + shift`` cut from the held int16 band,
+    each flipped by its op (a flipped window is the band read backwards: no separate flip pass).
 
-    One ``copy_`` per window converts int16 to float32 while it copies (measured 2.4x faster on the CPU than one
-    advanced-indexing gather followed by a conversion); only flipped windows pay for an extra int16 flip.
+    On the CPU this is numpy: converting a strided int16 view while multiplying into float32 ran ~10x faster there
+    than torch's ``copy_`` (measured, 2 cores). On CUDA, one ``copy_`` per window and one fused affine per batch.
     """
     out = torch.empty((len(rows), held.shape[0], side, side), dtype=torch.float32, device=held.device)
-    for i, (r, c, op) in enumerate(zip(rows.tolist(), cols.tolist(), ops.tolist(), strict=True)):
+    windows = zip(rows.tolist(), cols.tolist(), ops.tolist(), strict=True)
+    if held.device.type == "cpu":
+        src, dst = held.numpy(), out.numpy()
+        sc, sh = scale.view(-1).numpy(), shift.view(-1).numpy()
+        for i, (r, c, op) in enumerate(windows):
+            view = src[:, r : r + side, c : c + side]
+            view = view[:, ::-1] if op in (1, 3) else view
+            view = view[:, :, ::-1] if op in (2, 3) else view
+            np.multiply(view, sc[i], out=dst[i], casting="unsafe")
+            dst[i] += sh[i]
+        return out
+    for i, (r, c, op) in enumerate(windows):
         view = held[:, r : r + side, c : c + side]
         out[i].copy_(view.flip(_FLIP_DIMS[op]) if op else view)
-    return out
+    return out.mul_(scale).add_(shift)
 
 
 class _Runner:
@@ -269,7 +283,7 @@ def _predict_windows(
     rb = torch.from_numpy(rows // BLOCK).to(held.device)
     cb = torch.from_numpy(cols // BLOCK).to(held.device)
     scale, shift = window_affine(sums, rb, cb, side_blocks=side // BLOCK, n=held.shape[0] * side * side)
-    x = cut_windows(held, rows, cols, ops, side=side).mul_(scale).add_(shift)
+    x = cut_windows(held, rows, cols, ops, side=side, scale=scale, shift=shift)
     # flip and bilinear upsampling with align_corners=True commute, so un-flipping the 1/32 logits is exact
     # and 1024x cheaper than un-flipping the upsampled map as the reference did
     logits = apply_flips(runner.logits(x), ops)

@@ -8,20 +8,37 @@ positive and 0 elsewhere. The reference summed in float16; we sum in float32 (a 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import BLOCK
+
+
+@functools.lru_cache(maxsize=8)
+def _interp_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """``(n_out, n_in)`` float32 1-D linear interpolation with align_corners=True (rows sum to 1)."""
+    pos = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / max(n_out - 1, 1)
+    lo = pos.floor().clamp(max=n_in - 1).long()
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = pos - lo
+    m = torch.zeros((n_out, n_in), dtype=torch.float64)
+    m[torch.arange(n_out), lo] += 1 - frac
+    m[torch.arange(n_out), hi] += frac
+    return m.to(device=device, dtype=torch.float32)
 
 
 def upsample_probs(logits: torch.Tensor, side: int) -> torch.Tensor:
     """``(B, 1, s, s)`` logits (any float dtype) -> ``(B, side, side)`` float32 probabilities on the same device.
 
     Sigmoid first, then bilinear with align_corners=True, as the reference (probabilities, not logits, upsampled).
+    Bilinear interpolation is separable, so it is two small matrix products ``A @ P @ A.T`` (the same numbers as
+    ``F.interpolate(..., mode="bilinear", align_corners=True)`` to float rounding; several times faster on the CPU).
     """
-    probs = torch.sigmoid(logits.float())
-    return F.interpolate(probs, size=(side, side), mode="bilinear", align_corners=True)[:, 0]
+    probs = torch.sigmoid(logits.float())[:, 0]
+    a = _interp_matrix(probs.shape[-1], side, probs.device)
+    return a @ probs @ a.T
 
 
 class SumMap:

@@ -131,3 +131,26 @@ def test_ensemble_is_the_weighted_mean_of_model_maps():
     covered = covered_mask(count, mask)
     np.testing.assert_allclose(prob[covered], 0.25)
     assert (prob[~covered] == 0).all()
+
+
+@pytest.mark.parametrize(("s_in", "side"), [(8, 256), (6, 192), (4, 128)])
+def test_separable_upsampling_equals_bilinear_align_corners(s_in, side):
+    from ink_infer.stitch import upsample_probs
+
+    logits = torch.randn(3, 1, s_in, s_in)
+    ref = torch.nn.functional.interpolate(
+        torch.sigmoid(logits), size=(side, side), mode="bilinear", align_corners=True
+    )
+    torch.testing.assert_close(upsample_probs(logits, side), ref[:, 0], atol=1e-6, rtol=0)
+
+
+def test_engine_matches_the_naive_loop_with_the_sampled_model():
+    from tests.standins import SampledInputModel
+
+    h, w = 190, 390
+    mask = blob_mask(h, w, seed=12)
+    vol = ArrayVolume(random_volume(h, w, seed=13))
+    spec = ModelSpec(name="s", arch="2.5d", in_chans=1, z_range=(15, 50), tile=256)
+    prob, *_ = run_engine(SampledInputModel(), spec, vol, mask)
+    expected = naive_predict(vol.patch_at, mask, SampledInputModel(), z_range=(15, 50))
+    np.testing.assert_allclose(prob, expected, atol=1e-5)
