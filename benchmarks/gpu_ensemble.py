@@ -116,7 +116,7 @@ def main() -> None:
         budget=Budget(hours=args.minutes / 60, safety_margin=0.0),
     )  # fmt: skip
     t_run = time.perf_counter()
-    report = run(cfg)
+    report = run(cfg, fresh=True)  # measure, never reuse partials of an earlier run
     run_s = time.perf_counter() - t_run
     summarize(report, flops, peak_flops(device), run_s, args.out)
 

@@ -103,7 +103,7 @@ def main() -> None:
         manifest.write_text(json.dumps(MANIFEST))
         out = args.work / f"out_{h}x{w}"
         cmd = [sys.executable, "-m", "ink_infer.submit", "--data", str(comp), "--out", str(out), "--manifest",
-               str(manifest), "--allow-random-weights", "--device", "cpu", "--stride", "256", "--quiet", "--no-previews"]  # fmt: skip
+               str(manifest), "--allow-random-weights", "--device", "cpu", "--stride", "256", "--quiet", "--no-previews", "--fresh"]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True)
         report = json.loads((out / "report.json").read_text())
         cli_peak = report["host_peak_gib"] * gib

@@ -1,17 +1,25 @@
-"""What a run measured: host and GPU memory peaks, environment, the JSON report, the table, the preview PNGs."""
+"""What a run measured: host and GPU memory peaks, environment, per-fragment stats, the dry run's projection and
+verdicts, the JSON report, the table, the preview PNGs."""
 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import resource
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from .config import BLOCK, RunConfig
+from .errors import UserError
+from .partials import signal_name
 from .rle import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 GIB = 1024**3
 PREVIEW_MAX_SIDE = 1024
@@ -56,6 +64,7 @@ def environment(device: torch.device) -> dict:
         "timm": timm.__version__,
         "numpy": np.__version__,
         "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device),
     }
     if device.type == "cuda":
@@ -64,7 +73,44 @@ def environment(device: torch.device) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically (the previous file or the new one, never half of one)."""
     atomic_write_text(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
+
+
+def write_report(out: Path, report: dict, t0: float, *, final: bool) -> None:
+    """``out/report.json`` with the run's seconds (since ``t0``, a ``perf_counter``) and host peak so far.
+
+    Only the final report is a must (a ``UserError`` if it cannot be written); the others (after each model, on
+    a failure or an interruption) are progress notes that a full disk must not turn into a failed run."""
+    report["seconds"] = time.perf_counter() - t0
+    report["host_peak_gib"] = host_peak_gib()
+    try:
+        write_json(out / "report.json", report)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if final:
+            done = "submission.csv was written" if "submission" in report else "no submission in a dry run"
+            raise UserError(f"{out / 'report.json'}: cannot write ({why}); {done}") from None
+        log.warning("%s: cannot write (%s)", out / "report.json", why)
+
+
+def interrupted_at(report: dict, signum: int) -> dict:
+    """The report's ``interrupted`` entry: which signal, and the model that was running (None between models)."""
+    running = [m["name"] for m in report["models"] if m["status"] in ("running", "interrupted")]
+    return {"signal": signal_name(signum), "model": running[-1] if running else None}
+
+
+def interrupted_message(report: dict, out: Path) -> str:
+    """The one line an interrupted run ends with: where it stopped, what is kept, how to resume."""
+    where = report["interrupted"]
+    during = f" during model {where['model']}" if where["model"] else ""
+    kept = sum(
+        f.get("partial") in ("saved", "reused") for m in report["models"] for f in m["fragments"].values()
+    )
+    return (
+        f"interrupted by {where['signal']}{during}: no submission written; {kept} finished (model, fragment) "
+        f"result(s) kept in {out / 'partials'}: rerun the same command to resume"
+    )
 
 
 def _jsonable(o: object) -> object:
@@ -75,6 +121,78 @@ def _jsonable(o: object) -> object:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def stats_entry(stats) -> dict:
+    """The report's entry for one (model, fragment) pass, from its ``predict.PredictStats``."""
+    per_window = stats.seconds / stats.windows if stats.windows else None
+    return {
+        "windows": stats.windows,
+        "seconds": stats.seconds,
+        "ms_per_window": per_window * 1000 if per_window else None,
+        "wait_read_s": stats.wait_read_s,
+        "nonfinite_windows": stats.nonfinite_windows,
+        "batch_size": stats.batch_size,
+        "first_batch_s": stats.first_batches_s[0] if stats.first_batches_s else 0.0,
+        "oom_retries": stats.oom_retries,
+    }
+
+
+def project(
+    entry: dict, *, total_windows: int, grid_blocks: int, touched_blocks: int, stride: int, scale_to
+) -> dict:
+    """A dry run's projection of one model's full run: hours for these fragments and for ``scale_to`` sizes.
+
+    ``total_windows``: windows of a full run over these fragments; ``grid_blocks`` / ``touched_blocks``: blocks of
+    their grids / touching their masks (the share of a scaled fragment that would hold windows). The rate leaves
+    out the first batch (warm-up: cudnn autotuning, allocator growth) when there are several."""
+    frags = entry["fragments"].values()
+    windows = sum(f["windows"] for f in frags)
+    seconds = sum(
+        f["seconds"] - (f["first_batch_s"] if f["windows"] > f["batch_size"] else 0.0) for f in frags
+    )
+    counted = sum(f["windows"] - (f["batch_size"] if f["windows"] > f["batch_size"] else 0) for f in frags)
+    rate = seconds / max(counted, 1) if windows else 0.0
+    k = stride // BLOCK
+    scaled = {}
+    for h, w in scale_to:
+        est = (touched_blocks / grid_blocks if grid_blocks else 1.0) * (h // BLOCK) * (w // BLOCK) / (k * k)
+        scaled[f"{h}x{w}"] = rate * est / 3600
+    return {
+        "s_per_window": rate,
+        "projected_hours": rate * total_windows / 3600,
+        "projected_hours_scaled": scaled,
+    }
+
+
+def verdicts(models: list[dict], cfg: RunConfig) -> dict:
+    """The dry run's answer: does the full run fit the time, GPU and host budgets (for each projected size)?"""
+    ok = [m for m in models if m["status"] == "ok"]
+    hours = sum(m.get("projected_hours", 0.0) for m in ok)
+    scaled = {
+        size: sum(m["projected_hours_scaled"].get(size, 0.0) for m in ok)
+        for size in (ok[0]["projected_hours_scaled"] if ok else {})
+    }
+    gpus = [m["gpu_peak_gib"]["reserved"] for m in ok if m.get("gpu_peak_gib")]
+    gpu = max(gpus) if gpus else None
+    host = max((m.get("host_peak_gib", 0.0) for m in ok), default=0.0)
+    limit = cfg.budget.hours * (1 - cfg.budget.safety_margin)
+
+    def fits(x: float, cap: float) -> str:
+        return "fits" if x <= cap else "OVER"
+
+    return {
+        "hours": hours,
+        "hours_verdict": fits(hours, limit),
+        "hours_scaled": {k: {"hours": v, "verdict": fits(v, limit)} for k, v in scaled.items()},
+        "budget_hours": cfg.budget.hours,
+        "budget_hours_after_margin": limit,
+        "gpu_peak_gib": gpu,
+        "gpu_verdict": "n/a (no GPU used)" if gpu is None else fits(gpu, cfg.budget.gpu_mem_gb),
+        "host_peak_gib": host,
+        "host_verdict": fits(host, cfg.budget.host_mem_gb),
+        "models_not_ok": [m["name"] for m in models if m["status"] != "ok"],
+    }
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -105,6 +223,9 @@ def write_preview(path: Path, prob: np.ndarray, ink: np.ndarray, mask: np.ndarra
     gap = np.full((size[1], 8), 128, dtype=np.uint8)
     img = cv2.applyColorMap(np.hstack([left, gap, right]), cv2.COLORMAP_VIRIDIS)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    if not cv2.imwrite(str(tmp), img):
-        raise OSError(f"{path}: could not write preview")
-    tmp.replace(path)
+    try:
+        if not cv2.imwrite(str(tmp), img):
+            raise OSError(f"{path}: could not write preview")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written preview behind

@@ -4,7 +4,10 @@
     python -m ink_infer.submit --demo --out demo_out
     python -m ink_infer.submit --data DIR --dry-run --allow-random-weights --scale-to 8181x6330
 
-Exit codes: 0 success, 2 bad input or arguments (one line on stderr, no traceback), 1 when no model finished.
+Exit codes (every failure ends with one line on stderr, no traceback): 0 success; 2 bad input or arguments, or
+outputs that cannot be written; 1 when no model finished, or a model failed under ``--on-model-error fail``;
+130 / 143 when stopped by SIGINT / SIGTERM (finished results stay in OUT/partials: rerun the command to resume).
+submission.csv is only ever replaced by a complete one.
 """
 
 from __future__ import annotations
@@ -66,7 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-hours", type=float, default=9.0)
     p.add_argument("--host-mem-gb", type=float, default=13.0)
     p.add_argument("--gpu-mem-gb", type=float, default=16.0)
-    p.add_argument("--on-model-error", choices=["skip", "fail"], default="skip")
+    p.add_argument(
+        "--on-model-error",
+        choices=["skip", "fail"],
+        default="skip",
+        help="a model failing mid-run is skipped (recorded in report.json) or ends the run",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="recompute everything, ignoring results saved in OUT/partials"
+    )
     p.add_argument("--no-previews", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
@@ -186,16 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
     )
     from . import pipeline  # torch and timm load here, after the arguments are known to be well-formed
+    from .partials import Interrupted
 
     try:
         cfg = config_from_args(args)
-        report = pipeline.run(cfg)
+        report = pipeline.run(cfg, fresh=args.fresh)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModelRunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(format_table(table_rows(report), TABLE))
     if "submission" in report:
         print(f"wrote {report['submission']['path']}, {cfg.out / 'report.json'}, {cfg.out / 'previews'}/")

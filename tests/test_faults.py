@@ -1,0 +1,606 @@
+"""Fault injection over the whole submit CLI: bad input, failing models, NaN, OOM, a full disk, signals, resume.
+
+Policy under test: a user error exits 2 with one line; a failing model is skipped (or ends the run with
+``--on-model-error fail``) and is recorded in report.json; submission.csv is absent or valid, never partial; every
+finished (model, fragment) result is kept in OUT/partials, and a rerun resumes to a byte-identical submission.
+
+The CLI runs in-process (``submit.main``) except where a real signal must reach a real process. Models are the
+analytic stand-ins below, swapped in for ``pipeline.build_model`` (the real small models run in test_cli.py), so
+each run takes about a second and faults can be injected exactly where wanted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+from ink_infer import pipeline
+from ink_infer.config import ModelSpec
+from ink_infer.manifest import sha256_file
+from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
+from ink_infer.partials import Interrupted, StopRequest
+from ink_infer.rle import read_submission, rle_decode
+from ink_infer.submit import main
+from ink_infer.synthetic import write_dataset
+from tests.standins import PooledInputModel
+from tests.test_cli import SMALL_MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"b": (150, 220), "a": (120, 170)}  # sample_submission order b, a: not sorted
+
+
+class Standin(nn.Module):
+    """Slice mean pooled to 1/32 plus a position ramp (input-dependent, not flip-symmetric), times one parameter
+    ``gain`` (so a checkpoint has a tensor to load), with faults to inject:
+
+    ``raise_after``: RuntimeError from that forward call on; ``nan``: NaN in the first window of every batch and inf
+    in the second (``"all"``: every window); ``oom_above``: CUDA out-of-memory for batches larger than that;
+    ``sleep``: seconds per call; ``signal_at``: send this process ``(signum, call)`` during that forward call.
+    """
+
+    def __init__(
+        self,
+        *,
+        raise_after: int | None = None,
+        nan: bool | str = False,
+        oom_above: int | None = None,
+        sleep: float = 0.0,
+        signal_at: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+        self.inner = PooledInputModel(ramp=0.3)
+        self.raise_after, self.nan, self.oom_above, self.sleep, self.signal_at = (
+            raise_after, nan, oom_above, sleep, signal_at,
+        )  # fmt: skip
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.oom_above is not None and len(x) > self.oom_above:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (stand-in, batch {len(x)})")
+        if self.raise_after is not None and self.calls > self.raise_after:
+            raise RuntimeError("stand-in exploded")
+        if self.signal_at is not None and self.calls == self.signal_at[1]:
+            os.kill(os.getpid(), self.signal_at[0])
+        time.sleep(self.sleep)
+        out = self.inner(x) * self.gain
+        if self.nan == "all":
+            out[:] = float("nan")
+        elif self.nan:
+            out[0] = float("nan")
+            out[1:2] = float("inf")
+        return out
+
+
+def install_standins(faults: dict[str, dict]) -> None:
+    """Make the pipeline build stand-ins (with ``faults[model name]``); for the subprocess driver."""
+    pipeline.build_model = lambda spec: Standin(**faults.get(spec.name, {}))
+
+
+@pytest.fixture
+def standins(monkeypatch) -> dict[str, dict]:
+    """Stand-in models for this test; set ``standins[name] = {...}`` to inject faults into one model."""
+    faults: dict[str, dict] = {}
+    monkeypatch.setattr(pipeline, "build_model", lambda spec: Standin(**faults.get(spec.name, {})))
+    return faults
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), test=[(k, *v) for k, v in SHAPES.items()], seed=5)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("manifest") / "m.json"
+    path.write_text(json.dumps(SMALL_MODELS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(data, manifest, tmp_path_factory) -> Path:
+    """OUT of an uninterrupted run (partials included), with every socket connection refused: none is made."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("ink_infer opened a network connection")
+
+    out = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "build_model", lambda spec: Standin())
+        mp.setattr(socket.socket, "connect", no_network)
+        mp.setattr(socket, "create_connection", no_network)
+        assert run_cli(data, out, manifest) == 0
+    return out
+
+
+def run_cli(data: Path, out: Path, manifest: Path, *extra: str) -> int:
+    argv = ["--data", str(data), "--out", str(out), "--manifest", str(manifest), "--allow-random-weights"]
+    return main([*argv, "--stride", "64", "--quiet", *extra])
+
+
+def one_error_line(capsys) -> str:
+    """The run's stderr, which must be exactly one ``error: ...`` line (logging goes to pytest, not stderr)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def model(report: dict, name: str) -> dict:
+    return next(m for m in report["models"] if m["name"] == name)
+
+
+def assert_valid_submission(out: Path) -> dict[str, str]:
+    rows = dict(read_submission(out / "submission.csv"))
+    assert list(rows) == list(SHAPES)
+    for frag_id, rle in rows.items():
+        rle_decode(rle, SHAPES[frag_id])  # raises on a malformed or out-of-range run
+    return rows
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary files an atomic write left behind (there must be none)."""
+    return [p.name for p in out.rglob(".*") if ".tmp" in p.name]
+
+
+def write_manifest(path: Path, change) -> Path:
+    m = json.loads(json.dumps(SMALL_MODELS))
+    change(m)
+    path.write_text(json.dumps(m))
+    return path
+
+
+# --- bad input: exit 2, one line naming the file, nothing written ---------------------------------------------
+
+
+def corrupt(kind: str, comp: Path, tmp_path: Path) -> str:
+    """Apply one bad input to a copied competition folder; returns text the error line must contain."""
+    vol = comp / "test" / "a" / "surface_volume"
+    h, w = SHAPES["a"]
+    if kind == "missing_slice":
+        (vol / "37.tif").unlink()
+        return "missing 37.tif"
+    if kind == "extra_slice":
+        shutil.copy(vol / "00.tif", vol / "65.tif")
+        return "extra 65.tif"
+    if kind == "slice_shape":
+        tifffile.imwrite(vol / "37.tif", np.zeros((100, 120), np.uint16))
+        return "37.tif: 100x120, other slices 120x170"
+    if kind == "slice_dtype":
+        tifffile.imwrite(vol / "12.tif", np.zeros((h, w), np.float32))
+        return "12.tif"
+    if kind == "mask_shape":
+        cv2.imwrite(str(comp / "test" / "a" / "mask.png"), np.full((100, 100), 255, np.uint8))
+        return "mask.png: 100x100"
+    if kind == "truncated_tiff":
+        data = (vol / "20.tif").read_bytes()
+        (vol / "20.tif").write_bytes(data[: len(data) // 2])
+        return "20.tif"
+    if kind == "corrupt_tiff":
+        (vol / "21.tif").write_bytes(os.urandom(5000))
+        return "21.tif"
+    if kind == "non_tiff":
+        (vol / "22.tif").write_text("not an image")
+        return "22.tif"
+    if kind == "sample_names_missing":
+        (comp / "sample_submission.csv").write_text("Id,Predicted\nb,1 1\nzz,1 1\n")
+        return "'zz' names a fragment that is not in"
+    if kind == "symlink_outside":
+        outside = tmp_path / "elsewhere" / "30.tif"
+        outside.parent.mkdir()
+        shutil.copy(vol / "30.tif", outside)
+        (vol / "30.tif").unlink()
+        (vol / "30.tif").symlink_to(outside)
+        return "30.tif: resolves to"
+    raise AssertionError(kind)
+
+
+BAD_INPUTS = ["missing_slice", "extra_slice", "slice_shape", "slice_dtype", "mask_shape", "truncated_tiff",
+              "corrupt_tiff", "non_tiff", "sample_names_missing", "symlink_outside"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line_naming_the_file(kind, data, manifest, tmp_path, capsys):
+    comp = shutil.copytree(data, tmp_path / "comp")
+    needle = corrupt(kind, comp, tmp_path)
+    out = tmp_path / "out"
+    assert run_cli(comp, out, manifest) == 2
+    assert needle in one_error_line(capsys)
+    assert not (out / "submission.csv").exists() and not (out / "report.json").exists()
+
+
+def test_unwritable_out_exits_2(data, manifest, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run_cli(data, blocker / "out", manifest) == 2
+    assert "--out is not writable" in one_error_line(capsys)
+
+
+@pytest.fixture
+def weights_dir(tmp_path) -> tuple[Path, Path, ModelSpec]:
+    """``tmp/weights/m25d.ckpt``: a Lightning-layout checkpoint of the stand-in (gain 2), and its spec."""
+    raw = SMALL_MODELS["models"][0]
+    spec = ModelSpec(name=raw["name"], arch=raw["arch"], in_chans=raw["in_chans"], z_range=tuple(raw["z_range"]),
+                     tile=raw["tile"], backbone=raw["backbone"], num_3d_layer=raw["num_3d_layer"])  # fmt: skip
+    standin = Standin()
+    standin.gain.data.fill_(2.0)
+    path = tmp_path / "weights" / "m25d.ckpt"
+    save_checkpoint(standin, path, hyper_parameters_for(spec))
+    return tmp_path / "weights", path, spec
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({"sha256": "0" * 64}, "sha256"),
+        ({"size": 12}, "manifest says 12"),
+        ({"file": "../outside.ckpt"}, "escapes --weights"),
+        ({"file": "link.ckpt"}, "outside --weights"),
+    ],
+    ids=["hash", "size", "dotdot", "symlink"],
+)
+def test_weights_failing_their_check_or_escaping_exit_2_before_any_compute(
+    entry, needle, weights_dir, data, tmp_path, capsys, standins
+):
+    weights, path, _ = weights_dir
+    shutil.copy(path, tmp_path / "outside.ckpt")
+    (weights / "link.ckpt").symlink_to(tmp_path / "outside.ckpt")
+    real = {"file": "m25d.ckpt", "sha256": sha256_file(path), "size": path.stat().st_size}
+    m = write_manifest(tmp_path / "m.json", lambda m: m["models"][0].update({**real, **entry}))
+    out = tmp_path / "out"
+    assert main(["--data", str(data), "--out", str(out), "--manifest", str(m), "--weights", str(weights),
+                 "--allow-random-weights", "--quiet"]) == 2  # fmt: skip
+    assert needle in one_error_line(capsys)
+    assert not (out / "report.json").exists()  # refused in the preflight, before any model ran
+
+
+def test_good_checkpoint_is_loaded_weights_only_and_its_hash_reported(
+    weights_dir, data, tmp_path, monkeypatch, standins
+):
+    weights, path, _ = weights_dir
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    m = write_manifest(
+        tmp_path / "m.json", lambda m: m["models"][0].update(file="m25d.ckpt", sha256=sha256_file(path))
+    )
+    out = tmp_path / "out"
+    assert run_cli(data, out, m, "--weights", str(weights)) == 0
+    assert loads and all(k.get("weights_only") is True for k in loads)
+    rep = report_of(out)
+    assert model(rep, "m25d")["sha256"] == sha256_file(path) and not model(rep, "m25d")["random_weights"]
+    assert model(rep, "m3d")["random_weights"] and model(rep, "m3d")["sha256"] is None
+    assert {"torch", "timm", "cuda", "cudnn"} <= set(rep["environment"])
+
+
+# --- inputs that are tolerated: a warning, and a valid submission ----------------------------------------------
+
+
+def test_missing_mask_falls_back_to_every_pixel_with_a_warning(data, manifest, tmp_path, standins):
+    comp = shutil.copytree(data, tmp_path / "comp")
+    (comp / "test" / "a" / "mask.png").unlink()
+    (comp / "test" / "b" / "surface_volume" / "notes.txt").write_text("a non-TIFF among the slices")
+    out = tmp_path / "out"
+    assert run_cli(comp, out, manifest) == 0
+    warnings = report_of(out)["warnings"]
+    assert any("mask.png: missing, using every pixel" in w for w in warnings)
+    assert any("notes.txt: not a slice, ignored" in w for w in warnings)
+    assert rle_decode(assert_valid_submission(out)["a"], SHAPES["a"]).any()
+
+
+def test_empty_mask_gives_an_empty_prediction(data, manifest, tmp_path, standins):
+    comp = shutil.copytree(data, tmp_path / "comp")
+    cv2.imwrite(str(comp / "test" / "a" / "mask.png"), np.zeros(SHAPES["a"], np.uint8))
+    out = tmp_path / "out"
+    assert run_cli(comp, out, manifest) == 0
+    rows = assert_valid_submission(out)
+    assert rows["a"] == "" and rows["b"] != ""
+    assert any("no mask pixel" in w for w in report_of(out)["warnings"])
+
+
+def test_missing_sample_submission_falls_back_to_sorted_ids(data, manifest, tmp_path, standins):
+    comp = shutil.copytree(data, tmp_path / "comp")
+    (comp / "sample_submission.csv").unlink()
+    out = tmp_path / "out"
+    assert run_cli(comp, out, manifest) == 0
+    assert [r[0] for r in read_submission(out / "submission.csv")] == ["a", "b"]
+    assert any("no sample_submission.csv" in w for w in report_of(out)["warnings"])
+
+
+def test_fragment_smaller_than_one_window_is_zero_padded(manifest, tmp_path, standins):
+    comp = write_dataset(tmp_path / "d", test=[("a", 100, 90)], seed=1)
+    out = tmp_path / "out"
+    assert run_cli(comp, out, manifest) == 0
+    ((frag_id, rle),) = read_submission(out / "submission.csv")
+    assert frag_id == "a" and rle_decode(rle, (100, 90)).any()
+    assert any("smaller than one window" in w for w in report_of(out)["warnings"])
+
+
+# --- models that fail while running ---------------------------------------------------------------------------
+
+
+def test_model_raising_mid_run_is_skipped_and_recorded(data, manifest, reference, tmp_path, standins, caplog):
+    standins["m3d"] = {"raise_after": 1}
+    out = tmp_path / "out"
+    assert run_cli(data, out, manifest) == 0
+    rep = report_of(out)
+    assert rep["status"] == "ok"
+    assert model(rep, "m3d")["status"] == "failed"
+    assert model(rep, "m3d")["reason"] == "RuntimeError: stand-in exploded"
+    assert model(rep, "m25d")["status"] == "ok"
+    assert "m3d failed and is skipped" in caplog.text
+    # the ensemble is m25d alone: not the reference's two-model submission
+    assert assert_valid_submission(out) != dict(read_submission(reference / "submission.csv"))
+
+
+def test_model_raising_mid_run_is_fatal_with_on_model_error_fail(data, manifest, tmp_path, standins, capsys):
+    standins["m3d"] = {"raise_after": 1}
+    out = tmp_path / "out"
+    assert run_cli(data, out, manifest, "--on-model-error", "fail") == 1
+    assert "model m3d failed: RuntimeError: stand-in exploded" in one_error_line(capsys)
+    assert not (out / "submission.csv").exists()
+    rep = report_of(out)
+    assert rep["status"] == "failed" and model(rep, "m3d")["status"] == "failed"
+    assert len(list((out / "partials").glob("m25d.*.npz"))) == 2  # a rerun would resume from m25d
+
+
+def test_no_model_finishing_exits_1_without_a_submission(data, manifest, tmp_path, standins, capsys):
+    standins["m25d"] = standins["m3d"] = {"raise_after": 0}
+    out = tmp_path / "out"
+    assert run_cli(data, out, manifest) == 1
+    assert "no model finished" in one_error_line(capsys)
+    assert not (out / "submission.csv").exists() and report_of(out)["status"] == "failed"
+
+
+def test_nan_and_inf_windows_are_counted_zeroed_and_reported(data, manifest, tmp_path, standins, caplog):
+    standins["m3d"] = {"nan": True}
+    out = tmp_path / "out"
+    assert run_cli(data, out, manifest) == 0
+    rep = report_of(out)
+    for frag_id in SHAPES:
+        stats = model(rep, "m3d")["fragments"][frag_id]
+        batches = -(-stats["windows"] // stats["batch_size"])
+        # NaN in the first window of every batch, inf in the second (the last batch may hold only one)
+        assert batches <= stats["nonfinite_windows"] <= 2 * batches
+        assert model(rep, "m25d")["fragments"][frag_id]["nonfinite_windows"] == 0
+    assert any("gave NaN or inf: zeroed" in w for w in rep["warnings"])
+    assert "gave NaN or inf" in caplog.text
+    assert_valid_submission(out)
+
+
+def test_a_model_with_only_nan_outputs_is_skipped(data, manifest, tmp_path, standins):
+    standins["m3d"] = {"nan": "all"}
+    out = tmp_path / "out"
+    assert run_cli(data, out, manifest) == 0
+    m3d = model(report_of(out), "m3d")
+    assert m3d["status"] == "failed" and "gave NaN or inf" in m3d["reason"]
+    assert not list((out / "partials").glob("m3d.*"))  # a failed result is never kept
+    assert_valid_submission(out)
+
+
+@pytest.mark.parametrize("oom_above", [2, 0], ids=["recovers", "persists"])
+def test_gpu_out_of_memory_halves_the_batch_once_then_skips_the_model(
+    oom_above, data, manifest, tmp_path, standins
+):
+    standins["m25d"] = {"oom_above": oom_above}
+    out = tmp_path / "out"
+    assert run_cli(data, out, manifest, "--batch-size", "4") == 0
+    rep = report_of(out)
+    m25d = model(rep, "m25d")
+    if oom_above:
+        assert m25d["status"] == "ok"
+        assert all(f["oom_retries"] == 1 for f in m25d["fragments"].values())
+        assert any("out of memory, batch size halved" in w for w in rep["warnings"])
+    else:
+        assert m25d["status"] == "failed" and m25d["reason"].startswith("OutOfMemoryError")
+    assert model(rep, "m3d")["status"] == "ok"
+    assert_valid_submission(out)
+
+
+# --- a full disk while results are written --------------------------------------------------------------------
+
+
+def fill_disk(monkeypatch, out: Path, hit) -> None:
+    """``os.replace`` into ``out`` raises ENOSPC for the files ``hit(path)`` selects: the temporary file is
+    complete, the rename that would publish it fails (as a full disk's last write or fsync would)."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        dst = Path(dst)
+        if out in dst.parents and hit(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["no-previous", "previous-kept"])
+def test_disk_full_leaves_no_partial_submission(previous, data, manifest, reference, tmp_path, monkeypatch, standins, capsys):  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    if previous:
+        shutil.copy(reference / "submission.csv", out / "submission.csv")
+    before = (out / "submission.csv").read_bytes() if previous else None
+    fill_disk(monkeypatch, out, lambda p: p.name != "report.json")  # partials, previews, submission.csv
+    assert run_cli(data, out, manifest) == 2
+    err = one_error_line(capsys)
+    assert "submission.csv: cannot write (No space left on device)" in err
+    if previous:
+        assert (out / "submission.csv").read_bytes() == before
+    else:
+        assert not (out / "submission.csv").exists()
+    assert leftovers(out) == []
+    rep = report_of(out)
+    assert rep["status"] == "failed" and "No space left" in rep["error"]
+    assert all(f["partial"].startswith("not saved") for m in rep["models"] for f in m["fragments"].values())
+
+
+def test_disk_full_on_the_final_report_says_so_and_keeps_the_submission(data, manifest, tmp_path, monkeypatch, standins, capsys):  # fmt: skip
+    out = tmp_path / "out"
+    fill_disk(monkeypatch, out, lambda p: p.name == "report.json" and (out / "submission.csv").exists())
+    assert run_cli(data, out, manifest) == 2
+    assert (
+        "report.json: cannot write (No space left on device); submission.csv was written"
+        in one_error_line(capsys)
+    )
+    assert_valid_submission(out)
+    assert leftovers(out) == []
+
+
+# --- interruption and resume ----------------------------------------------------------------------------------
+
+
+def test_stop_request_sets_a_flag_then_interrupts_at_once_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        stop.check()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Interrupted):
+            stop.check()
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal does not wait for the next check
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_model_stops_cleanly_and_the_rerun_resumes_identically(
+    signum, data, manifest, reference, tmp_path, standins, capsys
+):
+    out = tmp_path / "out"
+    standins["m3d"] = {"signal_at": (signum, 1)}  # m25d has finished, m3d is in its first batch
+    assert run_cli(data, out, manifest) == 128 + signum
+    err = one_error_line(capsys)
+    assert f"interrupted by {signal.Signals(signum).name} during model m3d" in err
+    assert "2 finished (model, fragment) result(s) kept" in err
+    assert not (out / "submission.csv").exists()
+    rep = report_of(out)
+    assert rep["status"] == "interrupted" and rep["interrupted"]["model"] == "m3d"
+    assert model(rep, "m3d")["status"] == "interrupted"
+    assert sorted(p.name.split(".")[0] for p in (out / "partials").glob("*.npz")) == ["m25d", "m25d"]
+
+    standins.clear()
+    assert run_cli(data, out, manifest) == 0
+    assert report_of(out)["partials"]["reused"] == [["m25d", "b"], ["m25d", "a"]]
+    assert (out / "submission.csv").read_bytes() == (reference / "submission.csv").read_bytes()
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.test_faults import install_standins
+install_standins({{"m3d": {{"sleep": 0.5}}}})  # m3d slow: SIGTERM lands while it runs
+from ink_infer.submit import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_after_the_first_model_then_rerun_gives_the_same_bytes(
+    data, manifest, reference, tmp_path, standins
+):
+    out = tmp_path / "out"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=str(ROOT)))
+    argv = ["--data", str(data), "--out", str(out), "--manifest", str(manifest), "--allow-random-weights",
+            "--stride", "64", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(driver), *argv], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while len(list((out / "partials").glob("m25d.*.npz"))) < 2:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the first model's partials never appeared"
+        time.sleep(0.05)
+    time.sleep(
+        1.0
+    )  # into m3d's first fragment (0.5 s a batch); if the machine is slow, between the two models
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.match(
+        r"error: interrupted by SIGTERM( during model m3d)?: no submission written; 2 finished", last
+    ), err
+    assert not (out / "submission.csv").exists()
+    assert report_of(out)["status"] == "interrupted"
+
+    assert run_cli(data, out, manifest) == 0
+    rep = report_of(out)
+    assert rep["partials"]["reused"] == [["m25d", "b"], ["m25d", "a"]]
+    assert [m["status"] for m in rep["models"]] == ["ok", "ok"]
+    assert (out / "submission.csv").read_bytes() == (reference / "submission.csv").read_bytes()
+
+
+def test_rerun_reuses_everything_without_building_a_model_and_fresh_recomputes(
+    data, manifest, reference, tmp_path, monkeypatch
+):
+    out = shutil.copytree(reference, tmp_path / "out")
+    built = []
+    monkeypatch.setattr(pipeline, "build_model", lambda spec: built.append(spec.name) or Standin())
+    assert run_cli(data, out, manifest) == 0
+    assert built == [] and len(report_of(out)["partials"]["reused"]) == 4
+    assert (out / "submission.csv").read_bytes() == (reference / "submission.csv").read_bytes()
+    assert run_cli(data, out, manifest, "--fresh") == 0
+    assert built == ["m25d", "m3d"] and report_of(out)["partials"]["reused"] == []
+    assert (out / "submission.csv").read_bytes() == (reference / "submission.csv").read_bytes()
+
+
+def change_slice_mtime(comp: Path) -> None:
+    st = (comp / "test" / "a" / "surface_volume" / "30.tif").stat()
+    os.utime(comp / "test" / "a" / "surface_volume" / "30.tif", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize(
+    ("change", "kept"),
+    [
+        ({"argv": ["--stride", "96"]}, []),
+        ({"argv": ["--tta", "none"]}, []),
+        ({"manifest": lambda m: m["models"][1].update(z_range=[20, 36])}, [["m25d", "b"], ["m25d", "a"]]),
+        ({"data": change_slice_mtime}, [["m25d", "b"], ["m3d", "b"]]),
+    ],
+    ids=["stride", "tta", "manifest-entry", "slice-rewritten"],
+)
+def test_a_partial_from_another_configuration_is_never_reused(
+    change, kept, data, manifest, reference, tmp_path, standins
+):
+    out = shutil.copytree(reference, tmp_path / "out")
+    if "data" in change:
+        data = shutil.copytree(data, tmp_path / "comp", copy_function=shutil.copy2)  # copy2 keeps mtimes
+        change["data"](data)
+    if "manifest" in change:
+        manifest = write_manifest(tmp_path / "m.json", change["manifest"])
+    assert run_cli(data, out, manifest, *change.get("argv", [])) == 0
+    partials = report_of(out)["partials"]
+    assert partials["reused"] == kept
+    assert all(why == "written by a different configuration" for *_, why in partials["ignored"])
+    assert len(partials["ignored"]) == 4 - len(kept)
+    assert len(list((out / "partials").glob("*.npz"))) == 4  # replaced, not added: one file per pair
+
+
+def test_an_unreadable_partial_is_recomputed(data, manifest, reference, tmp_path, standins):
+    out = shutil.copytree(reference, tmp_path / "out")
+    victim = next((out / "partials").glob("m3d.a.*.npz"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    assert run_cli(data, out, manifest) == 0
+    partials = report_of(out)["partials"]
+    assert len(partials["reused"]) == 3 and partials["ignored"][0][:2] == ["m3d", "a"]
+    assert (out / "submission.csv").read_bytes() == (reference / "submission.csv").read_bytes()
