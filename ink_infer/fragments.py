@@ -292,3 +292,11 @@ def _read_binary_png(path: Path, shape: tuple[int, ...], base: Path) -> np.ndarr
         h, w = image.shape
         raise UserError(f"{_display(path, base)}: {h}x{w}, slices {shape[0]}x{shape[1]}")
     return image > 0
+
+
+def open_volume(fragment: Fragment) -> Volume:
+    """The fragment's slices, refusing any (symlinked) slice that resolves outside the folder of fragments.
+
+    The folder is taken after resolving, so a data mount that is itself a symlink (as Kaggle's may be) is fine.
+    """
+    return Volume(fragment, root=fragment.path.resolve().parent)

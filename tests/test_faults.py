@@ -5,7 +5,7 @@ Policy under test: a user error exits 2 with one line; a failing model is skippe
 finished (model, fragment) result is kept in OUT/partials, and a rerun resumes to a byte-identical submission.
 
 The CLI runs in-process (``submit.main``) except where a real signal must reach a real process. Models are the
-analytic stand-ins below, swapped in for ``pipeline.build_model`` (the real small models run in test_cli.py), so
+analytic stand-ins below, swapped in for ``model_run.build_model`` (the real small models run in test_cli.py), so
 each run takes about a second and faults can be injected exactly where wanted.
 """
 
@@ -30,7 +30,7 @@ import tifffile
 import torch
 from torch import nn
 
-from ink_infer import pipeline
+from ink_infer import model_run
 from ink_infer.config import ModelSpec
 from ink_infer.manifest import sha256_file
 from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
@@ -91,14 +91,14 @@ class Standin(nn.Module):
 
 def install_standins(faults: dict[str, dict]) -> None:
     """Make the pipeline build stand-ins (with ``faults[model name]``); for the subprocess driver."""
-    pipeline.build_model = lambda spec: Standin(**faults.get(spec.name, {}))
+    model_run.build_model = lambda spec: Standin(**faults.get(spec.name, {}))
 
 
 @pytest.fixture
 def standins(monkeypatch) -> dict[str, dict]:
     """Stand-in models for this test; set ``standins[name] = {...}`` to inject faults into one model."""
     faults: dict[str, dict] = {}
-    monkeypatch.setattr(pipeline, "build_model", lambda spec: Standin(**faults.get(spec.name, {})))
+    monkeypatch.setattr(model_run, "build_model", lambda spec: Standin(**faults.get(spec.name, {})))
     return faults
 
 
@@ -123,7 +123,7 @@ def reference(data, manifest, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("reference")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "build_model", lambda spec: Standin())
+        mp.setattr(model_run, "build_model", lambda spec: Standin())
         mp.setattr(socket.socket, "connect", no_network)
         mp.setattr(socket, "create_connection", no_network)
         assert run_cli(data, out, manifest) == 0
@@ -555,7 +555,7 @@ def test_rerun_reuses_everything_without_building_a_model_and_fresh_recomputes(
 ):
     out = shutil.copytree(reference, tmp_path / "out")
     built = []
-    monkeypatch.setattr(pipeline, "build_model", lambda spec: built.append(spec.name) or Standin())
+    monkeypatch.setattr(model_run, "build_model", lambda spec: built.append(spec.name) or Standin())
     assert run_cli(data, out, manifest) == 0
     assert built == [] and len(report_of(out)["partials"]["reused"]) == 4
     assert (out / "submission.csv").read_bytes() == (reference / "submission.csv").read_bytes()

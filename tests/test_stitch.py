@@ -113,7 +113,7 @@ def test_nonfinite_windows_are_counted_and_zeroed():
 
 
 def test_ensemble_is_the_weighted_mean_of_model_maps():
-    from ink_infer.pipeline import FragmentState, add_to_ensemble
+    from ink_infer.ensemble import FragmentState, add_to_ensemble
 
     h, w = 150, 150
     mask = blob_mask(h, w, seed=11)
