@@ -160,7 +160,9 @@ def find_weights(spec: ModelSpec, weights_dir: Path | None) -> Path | None:
 def resolve_weights(spec: ModelSpec, weights_dir: Path | None) -> Path:
     """Path of ``spec.file`` under ``weights_dir``, confined to it; ``UserError`` naming what is missing."""
     if spec.file is None:
-        raise UserError(f"model {spec.name!r}: no weights file in the manifest (use --allow-random-weights for dry runs)")
+        raise UserError(
+            f"model {spec.name!r}: no weights file in the manifest (use --allow-random-weights for dry runs)"
+        )
     if weights_dir is None:
         raise UserError(f"model {spec.name!r}: needs --weights DIR holding {spec.file}")
     path = find_weights(spec, weights_dir)

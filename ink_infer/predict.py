@@ -97,7 +97,14 @@ def window_affine(sums: torch.Tensor, rb: torch.Tensor, cb: torch.Tensor, *, sid
 
 
 def cut_windows(
-    held: torch.Tensor, rows: np.ndarray, cols: np.ndarray, ops: np.ndarray, *, side: int, scale: torch.Tensor, shift: torch.Tensor
+    held: torch.Tensor,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    ops: np.ndarray,
+    *,
+    side: int,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
 ) -> torch.Tensor:
     """``(B, nz, side, side)`` float32 normalised windows ``raw * scale + shift`` cut from the held int16 band,
     each flipped by its op (a flipped window is the band read backwards: no separate flip pass).
@@ -217,7 +224,9 @@ def predict_fragment(
             t_batch = time.perf_counter()
             rows = (origins[idx, 0] - read.band.row0) * BLOCK + off
             cols = origins[idx, 1] * BLOCK + off
-            probs = _predict_windows(runner, held, sums, rows, cols, ops[idx], side=side, tta=tta, stats=stats)
+            probs = _predict_windows(
+                runner, held, sums, rows, cols, ops[idx], side=side, tta=tta, stats=stats
+            )
             acc.add(probs, origins[idx, 0] * BLOCK + off, origins[idx, 1] * BLOCK + off)
             stats.windows += len(idx)
             if len(stats.first_batches_s) < 4:

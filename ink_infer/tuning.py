@@ -52,7 +52,9 @@ def cap_gpu_memory(device: torch.device, gpu_mem_gb: float) -> float | None:
     fraction = gpu_mem_gb * GIB / total
     if fraction >= 1.0:
         return None
-    torch.cuda.set_per_process_memory_fraction(fraction, device.index if device.index is not None else torch.cuda.current_device())
+    torch.cuda.set_per_process_memory_fraction(
+        fraction, device.index if device.index is not None else torch.cuda.current_device()
+    )
     return fraction
 
 
