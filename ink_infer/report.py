@@ -213,11 +213,16 @@ def write_preview(path: Path, prob: np.ndarray, ink: np.ndarray, mask: np.ndarra
     """PNG of the probability map (left) beside the binary ink mask (right), mask outline in grey.
 
     prob: ``(H, W)`` float32 in [0, 1]; ink, mask: ``(H, W)`` bool. Downscaled so the longer side is at most 1024.
+    The probability panel is contrast-stretched (1st-99th percentile inside the mask).
     """
     h, w = prob.shape
     scale = min(1.0, PREVIEW_MAX_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    left = (np.clip(prob, 0, 1) * 255).astype(np.uint8)
+    # contrast stretched to the 1st-99th percentile inside the mask: an uncalibrated model's map (all near 0.5)
+    # still shows its structure
+    inside = prob[mask] if mask.any() else prob.ravel()
+    lo, hi = (np.percentile(inside, (1, 99)) if inside.size else (0.0, 1.0))
+    left = (np.clip((prob - lo) / max(hi - lo, 1e-6), 0, 1) * 255 * mask).astype(np.uint8)
     right = np.where(ink, 255, np.where(mask, 48, 0)).astype(np.uint8)
     left, right = (cv2.resize(a, size, interpolation=cv2.INTER_AREA) for a in (left, right))
     gap = np.full((size[1], 8), 128, dtype=np.uint8)
