@@ -221,7 +221,7 @@ def write_preview(path: Path, prob: np.ndarray, ink: np.ndarray, mask: np.ndarra
     # contrast stretched to the 1st-99th percentile inside the mask: an uncalibrated model's map (all near 0.5)
     # still shows its structure
     inside = prob[mask] if mask.any() else prob.ravel()
-    lo, hi = (np.percentile(inside, (1, 99)) if inside.size else (0.0, 1.0))
+    lo, hi = np.percentile(inside, (1, 99)) if inside.size else (0.0, 1.0)
     left = (np.clip((prob - lo) / max(hi - lo, 1e-6), 0, 1) * 255 * mask).astype(np.uint8)
     right = np.where(ink, 255, np.where(mask, 48, 0)).astype(np.uint8)
     left, right = (cv2.resize(a, size, interpolation=cv2.INTER_AREA) for a in (left, right))
