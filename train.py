@@ -66,6 +66,7 @@ from ink_infer.models import build_model, normalize_windows
 from ink_infer.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, hyper_parameters_for, save_checkpoint
 from ink_infer.models.csn3d import InkDetCSN3D
 from ink_infer.models.inkdet25d import InkDet25D
+from ink_infer.stitch import upsample_probs
 from ink_infer.tiling import coverage_blocks, reference_order, touched_blocks
 
 log = logging.getLogger("train")
@@ -561,6 +562,7 @@ class ValidPart:
 
     region: Region
     origins: np.ndarray  # (n, 2) block (row, col) on the fragment grid, in the validation dataset's order
+    count: np.ndarray  # (rows, gw) int32: windows covering each block (tiling.coverage_blocks)
     truth: np.ndarray  # (h, w) bool: ink where at least half of the pixels are ink
     keep: np.ndarray  # (h, w) bool: in the mask (half the pixels) and covered by some window
 
@@ -604,7 +606,7 @@ def make_valid_parts(
         covered = np.repeat(np.repeat(count > 0, px, axis=0), px, axis=1)
         truth = area_down(block_image(store, store.labels, rows), scale) >= 0.5
         keep = (area_down(block_image(store, store.mask, rows), scale) >= 0.5) & covered
-        parts.append(ValidPart(region, origins, truth, keep))
+        parts.append(ValidPart(region, origins, count, truth, keep))
     return [p for p in parts if len(p.origins)]
 
 
@@ -614,17 +616,15 @@ def stitch(logits: Tensor, part: ValidPart, spec: ModelSpec, *, scale: int) -> n
     h, w = part.keep.shape
     side, off, px = spec.side // scale, spec.offset // scale, BLOCK // scale
     acc = torch.zeros((h + spec.tile, w + spec.tile))
-    cnt = torch.zeros_like(acc)
     rows = (part.origins[:, 0] - part.region.rows[0]) * px + off
     cols = part.origins[:, 1] * px + off
     for i in range(0, len(logits), 1024):  # bounded memory: 1024 upsampled windows at a time
-        chunk = torch.sigmoid(logits[i : i + 1024])
-        probs = F.interpolate(chunk, size=(side, side), mode="bilinear", align_corners=True)[:, 0]
+        probs = upsample_probs(logits[i : i + 1024], side)
         for p, y, x in zip(probs, rows[i : i + 1024].tolist(), cols[i : i + 1024].tolist(), strict=True):
             acc[y : y + side, x : x + side] += p
-            cnt[y : y + side, x : x + side] += 1
-    acc, cnt = acc[:h, :w].numpy(), cnt[:h, :w].numpy()
-    return np.divide(acc, cnt, out=np.zeros_like(acc), where=cnt > 0)
+    count = np.repeat(np.repeat(part.count, px, axis=0), px, axis=1).astype(np.float32)
+    acc_np = acc[:h, :w].numpy()
+    return np.divide(acc_np, count, out=np.zeros_like(acc_np), where=count > 0)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 from ink_infer.manifest import load_manifest, sha256_file
 from ink_infer.models import build_model, normalize_windows
 from ink_infer.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, load_weights
+from ink_infer.stitch import SumMap, finalize, upsample_probs
 from ink_infer.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,7 @@ def test_loss_falls_and_checkpoints_load(data: Path, manifest: Path, tmp_path: P
     items = [(r, train.region_origins(r, train_data.masks[r.frag])) for r in train_data.train]
     windows = train.WindowDataset(stores, items, spec, augment=False, shift_z=0, seed=0)
     x, y = (torch.stack(v) for v in zip(*(windows[i] for i in range(len(windows))), strict=True))
+    train_data.close()
     trained = build_model(spec)
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     trained.load_state_dict(train.strip_prefix(state, MODEL_PREFIX))
@@ -147,15 +149,17 @@ def assert_same(a: object, b: object) -> None:
 
 def test_resume_restores_state_and_continues_exactly(data: Path, manifest: Path, tmp_path: Path) -> None:
     whole, first, rest = tmp_path / "whole", tmp_path / "first", tmp_path / "rest"
-    assert run_train(data, manifest, whole, "t25d", "--epochs", "2") == 0
-    assert run_train(data, manifest, first, "t25d", "--epochs", "2", "--epochs-this-run", "1") == 0
+    two = ["--epochs", "2", "--valid-every", "2"]
+    assert run_train(data, manifest, whole, "t25d", *two) == 0
+    assert run_train(data, manifest, first, "t25d", *two, "--epochs-this-run", "1") == 0
     saved = first / "last.ckpt"
-    assert not (first / "train_log.jsonl").read_text().count("\n") > 1
+    assert len((first / "train_log.jsonl").read_text().splitlines()) == 1
     # what --resume restores is what was saved: model, EMA, optimiser, scheduler, step, RNG
     args = train.build_parser().parse_args(
         ["--data", str(data), "--manifest", str(manifest), "--config", "t25d", "--out", str(rest), *FAST]
     )
-    spec, _, model, device = train.prepare(args)
+    spec, resume_data, model, device = train.prepare(args)
+    resume_data.close()
     tr = train.make_trainer(model, spec, args, device=device, total=4)
     train.load_last(tr, saved)
     ckpt = torch.load(saved, weights_only=True)
@@ -166,8 +170,37 @@ def test_resume_restores_state_and_continues_exactly(data: Path, manifest: Path,
     assert_same(ckpt["lr_schedulers"][0], tr.scheduler.state_dict())
     assert torch.equal(ckpt["train_state"]["rng_torch"], torch.get_rng_state())
     # and the continued run ends where the uninterrupted one did
-    assert run_train(data, manifest, rest, "t25d", "--epochs", "2", "--resume", str(saved)) == 0
+    assert run_train(data, manifest, rest, "t25d", *two, "--resume", str(saved)) == 0
     assert_same(trainer_state(rest / "last.ckpt"), trainer_state(whole / "last.ckpt"))
+    best = [torch.load(d / "best_fbeta.ckpt", weights_only=True)["state_dict"] for d in (rest, whole)]
+    assert_same(*best)
+
+
+def test_validation_stitches_as_inference(data: Path, manifest: Path, tmp_path: Path) -> None:
+    argv = ["--data", str(data), "--manifest", str(manifest), "--config", "t3d", "--out", str(tmp_path)]
+    spec, train_data, _, _ = train.prepare(train.build_parser().parse_args(argv))
+    stores = train.build_stores(train_data, spec, shift_z=0, cache_gb=1.0, cache_dir=tmp_path)
+    (part,) = train.make_valid_parts(
+        stores, train_data.masks, train_data.valid, spec, scale=1, max_windows=999
+    )
+    logits = torch.randn(len(part.origins), 1, spec.side // 32, spec.side // 32)
+    # ink_infer's own accumulator and finalisation over the same windows (crop offset included)
+    acc = SumMap(part.count.shape, pad=spec.tile, device=torch.device("cpu"))
+    acc.add(
+        upsample_probs(logits, spec.side),
+        part.origins[:, 0] * 32 + spec.offset,
+        part.origins[:, 1] * 32 + spec.offset,
+    )
+    expected = finalize(acc.to_numpy(), part.count, np.ones(acc.shape, bool))
+    np.testing.assert_allclose(train.stitch(logits, part, spec, scale=1), expected, atol=1e-6)
+    # the default 1/4 map: nearly the mean of the full-resolution one over 4 x 4 pixels
+    (part4,) = train.make_valid_parts(
+        stores, train_data.masks, train_data.valid, spec, scale=4, max_windows=999
+    )
+    coarse = train.stitch(logits, part4, spec, scale=4)
+    pooled = expected.reshape(coarse.shape[0], 4, coarse.shape[1], 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(coarse, pooled, atol=0.05)
+    train_data.close()
 
 
 def test_augment_keeps_volume_and_labels_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
