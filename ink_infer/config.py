@@ -13,6 +13,9 @@ from .errors import UserError
 N_SLICES = 65  # surface volumes hold slices 00.tif .. 64.tif
 BLOCK = 32  # the reference cuts fragments into 32 x 32 blocks; window origins and strides live on this grid
 ARCHS = ("2.5d", "csn3d")
+# The reference models' widths, and which arch each optional width key belongs to.
+WIDTH_DEFAULTS = {"dim": 512, "base_channels": 64, "head_dim": 512}
+WIDTH_ARCH = {"dim": "2.5d", "base_channels": "csn3d", "head_dim": "csn3d"}
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,19 @@ class ModelSpec:
     stage_blocks: tuple[int, ...] | None = (
         None  # csn3d only: blocks per stage, overrides depth (small demo models)
     )
+    # Widths, for small models (the demo's); None means the reference width (WIDTH_DEFAULTS).
+    dim: int | None = None  # 2.5d only: channels after the encoder's projection
+    base_channels: int | None = None  # csn3d only: channels of the stem (stage i has base * 2**i planes)
+    head_dim: int | None = None  # csn3d only: channels of the head's hidden 1x1 conv
     file: str | None = None
     sha256: str | None = None
     size: int | None = None
     weight: float = 1.0
+
+    def width(self, name: str) -> int:
+        """The effective width ``name`` ('dim', 'base_channels' or 'head_dim'): the manifest's or the reference's."""
+        value = getattr(self, name)
+        return WIDTH_DEFAULTS[name] if value is None else value
 
     @property
     def n_slices(self) -> int:

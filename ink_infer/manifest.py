@@ -5,7 +5,8 @@ Schema (format 1)::
     {"format": 1, "name": str, "threshold": {"percentile": 0.93, "region": "covered"},
      "models": [{"name", "arch": "2.5d" | "csn3d", "backbone" (2.5d), "depth" (csn3d), "in_chans",
                  "num_3d_layer" (2.5d), "z_range": [start, stop), "tile", "crop" (optional), "file", "sha256",
-                 "size" (optional), "stage_blocks" (optional, csn3d), "weight"}]}
+                 "size" (optional), "stage_blocks" (optional, csn3d), "weight",
+                 widths of small models (optional): "dim" (2.5d), "base_channels" and "head_dim" (csn3d)}]}
 
 Manifest order is priority order: when the time budget runs short, later models are the ones skipped.
 
@@ -24,12 +25,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ARCHS, N_SLICES, ModelSpec, ThresholdSpec
+from .config import ARCHS, N_SLICES, WIDTH_ARCH, ModelSpec, ThresholdSpec
 from .errors import UserError
 
 TOP_KEYS = {"format", "name", "threshold", "models"}
 REQUIRED_MODEL_KEYS = {"name", "arch", "in_chans", "z_range", "tile", "file", "sha256"}
-OPTIONAL_MODEL_KEYS = {"backbone", "depth", "num_3d_layer", "crop", "size", "stage_blocks", "weight"}
+OPTIONAL_MODEL_KEYS = {
+    "backbone",
+    "depth",
+    "num_3d_layer",
+    "crop",
+    "size",
+    "stage_blocks",
+    "weight",
+    *WIDTH_ARCH,
+}
 HASH_CHUNK = 1 << 20
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -111,6 +121,14 @@ def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
         raise UserError(f"{where}: a 2.5d model needs 'backbone' (a timm name) and 'num_3d_layer'")
     if arch == "csn3d" and e.get("depth") not in (50, 101, 152) and not e.get("stage_blocks"):
         raise UserError(f"{where}: a csn3d model needs 'depth' (50 or 152) or 'stage_blocks'")
+    for key, key_arch in WIDTH_ARCH.items():
+        value = e.get(key)
+        if value is None:
+            continue
+        if key_arch != arch:
+            raise UserError(f"{where}: {key!r} applies to {key_arch} models only, this one is {arch}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{where}: {key} {value!r}, expected a positive integer")
     file = e["file"]
     if file is not None:
         _check_relative(where, file)
@@ -129,6 +147,7 @@ def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
         num_3d_layer=e.get("num_3d_layer"),
         depth=e.get("depth"),
         stage_blocks=tuple(blocks) if blocks else None,
+        **{key: e.get(key) for key in WIDTH_ARCH},
         file=file,
         sha256=sha,
         size=e.get("size"),

@@ -248,3 +248,27 @@ def test_manifest_specs_agree_with_reference_hyper_parameters(tmp_path: Path) ->
         if spec.arch == "csn3d":
             with pytest.raises(UserError, match="depth='101'"):
                 check_hyper_parameters(kwargs | {"depth": "101"}, spec, tmp_path / "x.ckpt")
+
+
+def test_manifest_widths_build_the_small_model_and_guard_its_checkpoint(tmp_path: Path) -> None:
+    """``dim`` / ``base_channels`` / ``head_dim`` reach the builders, go into hyper_parameters, and a checkpoint
+    of another width is refused by name; reference checkpoints (no widths saved) mean the reference widths."""
+    from ink_infer.models import build_model
+
+    small = dataclasses.replace(SPEC, dim=16)
+    model = build_model(small)
+    assert model.conv_proj[0].out_channels == 16
+    assert hyper_parameters_for(small)["dim"] == 16 and "dim" not in hyper_parameters_for(SPEC)
+    check_hyper_parameters(hyper_parameters_for(small), small, tmp_path / "x.ckpt")
+    with pytest.raises(UserError, match="dim=512, manifest model 'tiny_fold0' says 16"):
+        check_hyper_parameters(hyper_parameters_for(SPEC), small, tmp_path / "x.ckpt")
+    csn = ModelSpec(
+        name="c", arch="csn3d", in_chans=1, z_range=(20, 36), tile=64, stage_blocks=(1, 1, 1, 1),
+        base_channels=8, head_dim=24,
+    )  # fmt: skip
+    net = build_model(csn)
+    assert net.backbone.conv1[0].out_channels == 8 and net.head[1].out_channels == 24
+    with torch.inference_mode():
+        assert net(torch.randn(1, 16, 64, 64)).shape == (1, 1, 2, 2)
+    with pytest.raises(UserError, match="base_channels=16"):
+        check_hyper_parameters({"base_channels": 16}, csn, tmp_path / "x.ckpt")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import N_SLICES, ModelSpec
+from ..config import N_SLICES, WIDTH_ARCH, WIDTH_DEFAULTS, ModelSpec
 from ..errors import UserError
 from ..manifest import verify_file
 
@@ -166,6 +166,13 @@ def check_hyper_parameters(hp: Mapping[str, Any], spec: ModelSpec, path: Path) -
         raise UserError(
             f"{path}: hyper_parameters stage_blocks={hp['stage_blocks']!r}, manifest says {spec.stage_blocks}"
         )
+    for key, key_arch in WIDTH_ARCH.items():
+        # reference checkpoints carry no widths: absent means the reference width, as in the manifest
+        if key_arch == spec.arch and _as_int(hp.get(key, WIDTH_DEFAULTS[key]), key, path) != spec.width(key):
+            raise UserError(
+                f"{path}: hyper_parameters {key}={hp.get(key, WIDTH_DEFAULTS[key])!r}, "
+                f"manifest model {spec.name!r} says {spec.width(key)}"
+            )
     if "start_z" in hp or "end_z" in hp:
         start, end = hp.get("start_z"), hp.get("end_z")
         try:
@@ -199,6 +206,11 @@ def hyper_parameters_for(spec: ModelSpec) -> dict[str, Any]:
         hp |= {"depth": spec.depth, "bottleneck_mode": "ir"}
         if spec.stage_blocks is not None:
             hp["stage_blocks"] = list(spec.stage_blocks)
+    hp |= {
+        key: getattr(spec, key)
+        for key, key_arch in WIDTH_ARCH.items()
+        if key_arch == spec.arch and getattr(spec, key)
+    }
     return hp
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelSpec
+from ..config import WIDTH_DEFAULTS, ModelSpec
 from ..errors import UserError
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -19,7 +19,7 @@ BN_EPS = 1e-3  # mmaction's CSN norm_cfg; the head's 2D BNs keep torch's 1e-5 as
 EXPANSION = 4
 SPATIAL_STRIDES = (1, 2, 2, 2)
 TEMPORAL_STRIDES = (1, 2, 2, 2)
-HEAD_DIM = 512
+HEAD_DIM = WIDTH_DEFAULTS["head_dim"]
 
 Triple = tuple[int, int, int]
 
@@ -171,4 +171,9 @@ def from_spec(spec: ModelSpec) -> InkDetCSN3D:
         raise UserError(f"model {spec.name!r}: csn3d models take in_chans 1, manifest says {spec.in_chans}")
     if spec.stage_blocks is None and spec.depth not in STAGE_BLOCKS:
         raise UserError(f"model {spec.name!r}: depth {spec.depth!r}, expected one of {sorted(STAGE_BLOCKS)}")
-    return InkDetCSN3D(spec.depth, stage_blocks=spec.stage_blocks)
+    return InkDetCSN3D(
+        spec.depth,
+        stage_blocks=spec.stage_blocks,
+        base_channels=spec.width("base_channels"),
+        head_dim=spec.width("head_dim"),
+    )

@@ -17,10 +17,10 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelSpec
+from ..config import WIDTH_DEFAULTS, ModelSpec
 from ..errors import UserError
 
-PROJ_DIM = 512  # width of conv_proj / conv3d / head in every reference 2.5D config
+PROJ_DIM = WIDTH_DEFAULTS["dim"]  # width of conv_proj / conv3d / head in every reference 2.5D config
 DROP_RATE = 0.4  # reference training flags; inert at eval (classifier removed, stochastic depth off)
 DROP_PATH_RATE = 0.2
 
@@ -138,4 +138,4 @@ def from_spec(spec: ModelSpec) -> InkDet25D:
         raise UserError(
             f"model {spec.name!r}: backbone {spec.backbone!r} is not a timm {timm.__version__} model"
         )
-    return InkDet25D(spec.backbone, spec.in_chans, spec.num_3d_layer, spec.n_slices)
+    return InkDet25D(spec.backbone, spec.in_chans, spec.num_3d_layer, spec.n_slices, dim=spec.width("dim"))
