@@ -7,7 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
-from ink_infer.manifest import load_manifest, main
+import pytest
+
+from ink_infer.errors import UserError
+from ink_infer.manifest import DEMO_MANIFEST, load_manifest, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +48,34 @@ def test_hash_with_a_missing_weights_dir_exits_2(tmp_path, capsys):
         == 2
     )
     assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"dim": 0}, "dim 0, expected a positive integer"),
+        ({"dim": "64"}, "dim '64', expected a positive integer"),
+        ({"head_dim": 64}, "'head_dim' applies to csn3d models only"),
+        ({"base_channels": True}, "expected a positive integer"),
+    ],
+    ids=["zero", "string", "wrong_arch", "bool"],
+)
+def test_bad_width_keys_name_the_entry(tmp_path, change, needle):
+    demo = json.loads(DEMO_MANIFEST.read_text())
+    entry = demo["models"][0] if "dim" in change or "head_dim" in change else demo["models"][1]
+    entry.update(change)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(demo))
+    with pytest.raises(UserError, match=needle) as info:
+        load_manifest(path)
+    assert "\n" not in str(info.value) and entry["name"] in str(info.value)
+
+
+def test_demo_manifest_carries_the_small_widths():
+    small = {m.name: m for m in load_manifest(DEMO_MANIFEST).models}
+    assert small["demo_25d_mbv3"].width("dim") == 64
+    assert (small["demo_csn3d_tiny"].width("base_channels"), small["demo_csn3d_tiny"].width("head_dim")) == (
+        16,
+        64,
+    )
+    assert small["demo_csn3d_tiny"].width("dim") == 512  # not set: the reference width
