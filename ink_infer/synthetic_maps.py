@@ -13,6 +13,12 @@ import numpy as np
 
 CHUNK_PIXELS = 1 << 21  # pixels per row chunk when rendering: float32 temporaries of ~8 MB
 SURFACE_RANGE = (25.0, 40.0)  # the papyrus surface wanders between these slices
+# Letters are 128-400 px tall (a quarter of the fragment's short side, at most half of it on tiny test fragments) with
+# strokes a quarter of that: like real scroll ink, several 32 x 32 prediction cells wide. Thinner strokes could not
+# be found by any model that predicts one value per cell (the 6 px strokes of 48 px letters capped a perfect
+# model's F0.5 at ~0.44 on the demo fragments; 32 px strokes allow ~0.8).
+LETTER_SIDE = (128, 400)
+STROKE_PER_LETTER = 4  # stroke width = letter side / 4
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,11 @@ def _mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 
 def _ink(rng: np.random.Generator, height: int, width: int, mask: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 0/1 ink: lines of 'letters', each one to three thick strokes or arcs, kept inside the mask."""
+    """(H, W) uint8 0/1 ink: lines of 'letters', each one or two thick strokes or arcs, kept inside the mask."""
     ink = np.zeros((height, width), np.uint8)
-    size = int(np.clip(min(height, width) / 8, 10, 400))  # letter height in pixels
-    thick = max(2, size // 7)
+    short = min(height, width)
+    size = int(min(max(short / 4, LETTER_SIDE[0]), LETTER_SIDE[1], short / 2))  # letter height in pixels
+    thick = max(2, size // STROKE_PER_LETTER)
     y = int(size * rng.uniform(0.6, 1.2))
     while y + size < height:
         x = int(size * rng.uniform(0.3, 1.0))
@@ -97,10 +104,10 @@ def _ink(rng: np.random.Generator, height: int, width: int, mask: np.ndarray) ->
             if rng.random() < 0.15:  # a gap between words
                 x += size
                 continue
-            for _ in range(rng.integers(1, 4)):
+            for _ in range(rng.integers(1, 3)):
                 _stroke(rng, ink, x, y, size, thick)
             x += int(size * rng.uniform(0.9, 1.3))
-        y += int(size * rng.uniform(1.5, 1.9))
+        y += int(size * rng.uniform(1.6, 2.0))
     ink &= mask
     if not ink.any():  # tiny fragments: make sure there is some ink to find
         ys, xs = np.nonzero(mask)
