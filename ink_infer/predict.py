@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -31,6 +32,7 @@ BAND_BYTES_CUDA = 256 * 2**20
 
 # flip dims per op of the reference schedule on (B, C, H, W): 0 none, 1 H, 2 W, 3 H+W
 _FLIP_DIMS = {1: (-2,), 2: (-1,), 3: (-2, -1)}
+_CV2_FLIP = {1: 0, 2: 1, 3: -1}  # the same ops as cv2.flip codes on one (H, W) slice
 
 
 @dataclass
@@ -96,6 +98,25 @@ def window_affine(sums: torch.Tensor, rb: torch.Tensor, cb: torch.Tensor, *, sid
     return scale.float().view(-1, 1, 1, 1), shift.float().view(-1, 1, 1, 1)
 
 
+class WindowBuffer:
+    """One ``(B, nz, side, side)`` float32 batch buffer, reused for every batch of a (model, fragment) pass.
+
+    On the CPU a batch of windows is tens of MB: above glibc's largest mmap threshold (32 MB), so a fresh tensor per
+    batch is a fresh mapping whose every page faults on first touch. Measured with ``benchmarks/engine_overhead.py``
+    (2 cores): ~650k page faults and ~5 ms/window per pass without reuse, ~80k and ~2 ms/window with it.
+    """
+
+    def __init__(self) -> None:
+        self._storage: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        n = int(np.prod(shape))
+        if self._storage is None or self._storage.numel() < n or self._storage.device != device:
+            self._storage = None  # drop the old one before allocating its successor
+            self._storage = torch.empty(n, dtype=torch.float32, device=device)
+        return self._storage[:n].view(shape)
+
+
 def cut_windows(
     held: torch.Tensor,
     rows: np.ndarray,
@@ -105,24 +126,28 @@ def cut_windows(
     side: int,
     scale: torch.Tensor,
     shift: torch.Tensor,
+    buffer: WindowBuffer | None = None,
 ) -> torch.Tensor:
     """``(B, nz, side, side)`` float32 normalised windows ``raw * scale + shift`` cut from the held int16 band,
     each flipped by its op (a flipped window is the band read backwards: no separate flip pass).
 
-    On the CPU this is numpy: converting a strided int16 view while multiplying into float32 ran ~10x faster there
-    than torch's ``copy_`` (measured, 2 cores). On CUDA, one ``copy_`` per window and one fused affine per batch.
+    On the CPU this is OpenCV, slice by slice: ``addWeighted`` converts the strided int16 view and applies the affine
+    in one pass (flipped windows are flipped while still int16, half the bytes). Measured on 2 cores
+    (``benchmarks/engine_overhead.py``): ~2x faster than numpy's multiply-then-add, itself ~10x faster than torch's
+    strided ``copy_``. On CUDA, one ``copy_`` per window and one fused affine per batch.
     """
-    out = torch.empty((len(rows), held.shape[0], side, side), dtype=torch.float32, device=held.device)
+    shape = (len(rows), held.shape[0], side, side)
+    out = (buffer or WindowBuffer()).get(shape, held.device)
     windows = zip(rows.tolist(), cols.tolist(), ops.tolist(), strict=True)
     if held.device.type == "cpu":
         src, dst = held.numpy(), out.numpy()
-        sc, sh = scale.view(-1).numpy(), shift.view(-1).numpy()
+        sc, sh = scale.view(-1).tolist(), shift.view(-1).tolist()
         for i, (r, c, op) in enumerate(windows):
-            view = src[:, r : r + side, c : c + side]
-            view = view[:, ::-1] if op in (1, 3) else view
-            view = view[:, :, ::-1] if op in (2, 3) else view
-            np.multiply(view, sc[i], out=dst[i], casting="unsafe")
-            dst[i] += sh[i]
+            for z in range(src.shape[0]):
+                view = src[z, r : r + side, c : c + side]
+                if op:
+                    view = cv2.flip(view, _CV2_FLIP[op])
+                cv2.addWeighted(view, sc[i], view, 0.0, sh[i], dst=dst[i, z], dtype=cv2.CV_32F)
         return out
     for i, (r, c, op) in enumerate(windows):
         view = held[:, r : r + side, c : c + side]
@@ -206,6 +231,7 @@ def predict_fragment(
         total=len(origins), desc=desc, unit="win", disable=quiet or not sys.stderr.isatty(), leave=False
     )
     held, sums, held_y0 = None, None, 0
+    buffer = WindowBuffer()
     t_wait = time.perf_counter()
     for read, host in reader:
         stats.wait_read_s += time.perf_counter() - t_wait
@@ -225,7 +251,7 @@ def predict_fragment(
             rows = (origins[idx, 0] - read.band.row0) * BLOCK + off
             cols = origins[idx, 1] * BLOCK + off
             probs = _predict_windows(
-                runner, held, sums, rows, cols, ops[idx], side=side, tta=tta, stats=stats
+                runner, held, sums, rows, cols, ops[idx], side=side, tta=tta, stats=stats, buffer=buffer
             )
             acc.add(probs, origins[idx, 0] * BLOCK + off, origins[idx, 1] * BLOCK + off)
             stats.windows += len(idx)
@@ -283,6 +309,7 @@ def _predict_windows(
     side: int,
     tta: str,
     stats: PredictStats,
+    buffer: WindowBuffer | None = None,
 ) -> torch.Tensor:
     """``(B, side, side)`` float32 probabilities of the windows whose model squares start at (rows, cols)."""
     n = len(rows)
@@ -292,7 +319,7 @@ def _predict_windows(
     rb = torch.from_numpy(rows // BLOCK).to(held.device)
     cb = torch.from_numpy(cols // BLOCK).to(held.device)
     scale, shift = window_affine(sums, rb, cb, side_blocks=side // BLOCK, n=held.shape[0] * side * side)
-    x = cut_windows(held, rows, cols, ops, side=side, scale=scale, shift=shift)
+    x = cut_windows(held, rows, cols, ops, side=side, scale=scale, shift=shift, buffer=buffer)
     # flip and bilinear upsampling with align_corners=True commute, so un-flipping the 1/32 logits is exact
     # and 1024x cheaper than un-flipping the upsampled map as the reference did
     logits = apply_flips(runner.logits(x), ops)
