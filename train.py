@@ -2,8 +2,8 @@
 
     python train.py --data /kaggle/input --manifest weights_manifest.json --config NAME --fold 0 --out runs/NAME/fold0
     python train.py ... --out runs/NAME/fold0 --resume runs/NAME/fold0/last.ckpt      # continue an interrupted run
-    python train.py --data SYNTH --manifest ink_infer/demo/demo_manifest.json --config demo_25d_resnet10t \\
-        --valid-ids 4 --out runs/demo25d --export ink_infer/demo/demo_25d_resnet10t.pt --export-ema-only --export-fp16
+    python train.py --data SYNTH --manifest ink_infer/demo/demo_manifest.json --config demo_25d_mbv3 \\
+        --valid-ids 4 --out runs/demo25d --export ink_infer/demo/demo_25d_mbv3.pt --export-ema-only --export-fp16
 
 Recipe: BCE + (1 - soft F0.5 over the batch) on 1/32 labels (bilinear, align_corners=True; ``--labels area`` for
 thin synthetic strokes) smoothed as ``t * 0.8 + 0.1``; AdamW (backbone / rest lr, no decay on biases and norms), cosine

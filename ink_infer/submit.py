@@ -25,7 +25,7 @@ from .report import format_table
 log = logging.getLogger("ink_infer")
 
 DEFAULT_MANIFEST = Path("weights_manifest.json")
-DEMO_TEST = (("a", 384, 512), ("b", 320, 448))
+DEMO_TEST = (("a", 576, 768), ("b", 512, 704))  # a few lines of letters each: scores vary less
 DEMO_SEED = 20230614  # not a training seed: the demo scores held-out fragments
 
 
@@ -101,8 +101,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.demo:
         data = make_demo_data(args.out)
         manifest = manifest or DEMO_MANIFEST
-        weights = weights or DEMO_MANIFEST.parent
-        allow_random = True
+        weights = weights or DEMO_MANIFEST.parent  # the trained demo checkpoints ship inside the package
     if data is None:
         raise UserError("--data DIR is required (or --demo)")
     threshold = None

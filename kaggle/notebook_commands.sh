@@ -5,7 +5,7 @@ set -euo pipefail
 INPUT="${INPUT:-/kaggle/input}"
 WORKING="${WORKING:-/kaggle/working}"
 PYTHON="${PYTHON:-python3}"
-SUBMIT_ARGS="${SUBMIT_ARGS:-}" # empty on Kaggle; the rehearsal adds --allow-random-weights for the demo manifest
+SUBMIT_ARGS="${SUBMIT_ARGS:-}" # empty on Kaggle; the rehearsal may pass extra options
 
 # Datasets mount at $INPUT/<slug>/ or, on newer images, $INPUT/datasets/<owner>/<slug>/.
 find_one() { # find_one WHAT FILE...: the one folder holding the given paths, or a one-line error

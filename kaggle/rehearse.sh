@@ -8,7 +8,7 @@
 #   4. run the notebook's own %%bash cell (kaggle/submission.ipynb) with the network cut where the machine allows;
 #   5. decode kaggle_sim/working/submission.csv against the fragment shapes and say where every piece came from.
 #
-#   kaggle/rehearse.sh                        # demo manifest, random weights: checks the plumbing, not the score
+#   kaggle/rehearse.sh                        # the demo manifest and its trained weights, from the wheel
 #   kaggle/rehearse.sh --weights DIR          # DIR laid out as the weights dataset (see kaggle/README.md)
 set -euo pipefail
 
@@ -16,7 +16,7 @@ usage() {
   cat <<'EOF'
 usage: kaggle/rehearse.sh [options]
   --weights DIR          a weights dataset folder (weights_manifest.json beside <logdir>/fold{i}/...);
-                         without it the demo manifest from the wheel runs with --allow-random-weights
+                         without it the demo manifest and weights from the wheel run
   --sim DIR              where the simulated /kaggle goes (default: ./kaggle_sim; replaced on each run)
   --test ID:HxW,...      synthetic test fragments (default: a:160x200,b:192x224)
   --python PY            the "preinstalled" interpreter the venv is made from (default: python3)
@@ -149,8 +149,7 @@ with zipfile.ZipFile(wheel) as zf:
             (out / name.removeprefix("ink_infer/demo/")).write_bytes(zf.read(name))
 (out / "demo_manifest.json").rename(out / "weights_manifest.json")
 EOF
-  SUBMIT_ARGS="--allow-random-weights${MORE_ARGS:+ $MORE_ARGS}"
-  echo "  weights: the demo manifest from $WHEEL as $WEIGHTS/weights_manifest.json (random weights)"
+  echo "  weights: the demo manifest and checkpoints from $WHEEL, as $WEIGHTS/weights_manifest.json"
 fi
 chmod -R a-w "$INPUT"
 
