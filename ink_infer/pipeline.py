@@ -84,9 +84,9 @@ def prepare_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentSt
 def preflight_weights(manifest: Manifest, cfg: RunConfig) -> dict[str, Weights]:
     """Every model's weight file resolved inside ``--weights`` and checked (size, sha256), before any compute.
 
-    Hashing here costs a read of every file at the start (load_weights reads it again), and buys two things: a
-    corrupt file fails the run in seconds, not at hour 8, and partials can be keyed by the weights they came from
-    without loading the model."""
+    Hashing here costs a read of every file at the start (load_weights reuses the digest while the file's stat is
+    unchanged), and buys two things: a corrupt file fails the run in seconds, not at hour 8, and partials can be
+    keyed by the weights they came from without loading the model."""
     import timm
 
     weights: dict[str, Weights] = {}

@@ -79,3 +79,24 @@ def test_demo_manifest_carries_the_small_widths():
         64,
     )
     assert small["demo_csn3d_tiny"].width("dim") == 512  # not set: the reference width
+
+
+def test_an_unchanged_weights_file_is_hashed_once_a_changed_one_again(tmp_path, monkeypatch):
+    import os
+
+    import ink_infer.manifest as manifest_mod
+    from ink_infer.config import ModelSpec
+    from ink_infer.manifest import sha256_file, verify_file
+
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"a" * 1000)
+    spec = ModelSpec(name="m", arch="2.5d", in_chans=1, z_range=(0, 1), sha256=sha256_file(path))
+    reads = []
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p: reads.append(p) or sha256_file(p))
+    assert verify_file(spec, path) == spec.sha256 and verify_file(spec, path) == spec.sha256
+    assert reads == [path]  # the preflight's digest serves the load
+    path.write_bytes(b"b" * 1000)  # same size, new content
+    os.utime(path, ns=(1, 1))  # a distinct mtime even where the clock is coarse
+    with pytest.raises(UserError, match="sha256"):
+        verify_file(spec, path)
+    assert reads == [path, path]
