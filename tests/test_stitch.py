@@ -154,3 +154,30 @@ def test_engine_matches_the_naive_loop_with_the_sampled_model():
     prob, *_ = run_engine(SampledInputModel(), spec, vol, mask)
     expected = naive_predict(vol.patch_at, mask, SampledInputModel(), z_range=(15, 50))
     np.testing.assert_allclose(prob, expected, atol=1e-5)
+
+
+def test_every_batch_of_a_pass_reuses_one_window_buffer(monkeypatch):
+    """The CPU cut writes into one buffer per pass (a fresh tens-of-MB tensor per batch costs a page fault per page)."""
+    import ink_infer.predict as predict_mod
+
+    pointers, real_cut = [], predict_mod.cut_windows
+
+    def spy(*args, **kwargs):
+        out = real_cut(*args, **kwargs)
+        pointers.append(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(predict_mod, "cut_windows", spy)
+    mask = blob_mask(200, 260)
+    touched = touched_blocks(mask)
+    origins = window_origins(touched)
+    spec = ModelSpec(name="p", arch="2.5d", in_chans=1, z_range=(20, 24), tile=64)
+    predict_fragment(
+        PooledInputModel(), spec, ArrayVolume(random_volume(200, 260)), touched, origins, tta_ops(len(origins)),
+        device=torch.device("cpu"), dtype=torch.float32, batch_size=8,
+    )  # fmt: skip
+    assert len(pointers) >= 3 and len(set(pointers)) == 1
+    buf = predict_mod.WindowBuffer()
+    big = buf.get((4, 2, 32, 32), torch.device("cpu"))
+    assert buf.get((3, 2, 32, 32), torch.device("cpu")).data_ptr() == big.data_ptr()
+    assert buf.get((5, 2, 32, 32), torch.device("cpu")).shape == (5, 2, 32, 32)  # grows when needed
