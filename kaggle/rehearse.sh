@@ -237,7 +237,7 @@ EOF
 if [[ -n "$WEIGHTS_SRC" ]]; then
   echo "  weights:    $WEIGHTS_SRC"
 else
-  echo "  weights:    demo manifest from the wheel, random weights (--allow-random-weights)"
+  echo "  weights:    the demo manifest and its trained checkpoints, from the wheel"
 fi
 echo "  data:       synthetic, $TEST ($INPUT/vesuvius-challenge-ink-detection)"
 echo "  network:    $NET"

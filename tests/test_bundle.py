@@ -227,7 +227,7 @@ def test_notebook_runs_the_shared_commands_verbatim() -> None:
     for needle in (
         '"$INPUT"/*/ink_infer-*.whl',
         '"$INPUT"/datasets/*/*/ink_infer-*.whl',
-        '-m pip install --no-index --no-deps --find-links "$bundle" ink_infer',
+        '-m pip install --no-index --no-deps --force-reinstall --find-links "$bundle" ink_infer',
         '-m ink_infer.submit --data "$INPUT" --manifest "$manifest" --weights "$weights" --out "$WORKING"',
     ):
         assert needle in commands
@@ -272,7 +272,7 @@ def test_notebook_commands_find_bundle_and_weights(tmp_path: Path, mount: str, n
         )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = log.read_text().splitlines()
-    assert f"-m pip install --no-index --no-deps --find-links {bundle} ink_infer" in calls
+    assert f"-m pip install --no-index --no-deps --force-reinstall --find-links {bundle} ink_infer" in calls
     submit = f"-m ink_infer.submit --data {inp} --manifest {weights}/weights_manifest.json --weights {root} --out {work}"
     assert submit in calls
 
