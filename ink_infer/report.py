@@ -227,10 +227,40 @@ def write_preview(path: Path, prob: np.ndarray, ink: np.ndarray, mask: np.ndarra
     left, right = (cv2.resize(a, size, interpolation=cv2.INTER_AREA) for a in (left, right))
     gap = np.full((size[1], 8), 128, dtype=np.uint8)
     img = cv2.applyColorMap(np.hstack([left, gap, right]), cv2.COLORMAP_VIRIDIS)
+    _write_png(path, img)
+
+
+# BGR colours of the truth comparison: found ink, false ink, missed ink, papyrus without ink (outside: black)
+TRUTH_COLOURS = {
+    "hit": (80, 220, 80),
+    "false": (60, 60, 230),
+    "missed": (230, 160, 40),
+    "papyrus": (60, 60, 60),
+}
+
+
+def write_truth_preview(path: Path, ink: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, int]:
+    """PNG comparing predicted ``ink`` with ``truth`` (both ``(H, W)`` bool) inside ``mask``: found ink green,
+    false ink red, missed ink blue (``TRUTH_COLOURS``), full size. Returns the pixel count of each class."""
+    classes = {
+        "hit": ink & truth,
+        "false": ink & ~truth,
+        "missed": ~ink & truth,
+        "papyrus": mask & ~ink & ~truth,
+    }
+    img = np.zeros((*ink.shape, 3), np.uint8)
+    for name, where in classes.items():
+        img[where] = TRUTH_COLOURS[name]
+    _write_png(path, img)
+    return {name: int(where.sum()) for name, where in classes.items()}
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    """Write atomically: a full disk leaves no half-written image behind."""
     tmp = path.with_name(f".{path.stem}.tmp.png")
     try:
         if not cv2.imwrite(str(tmp), img):
             raise OSError(f"{path}: could not write preview")
         tmp.replace(path)
     finally:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written preview behind
+        tmp.unlink(missing_ok=True)

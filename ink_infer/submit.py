@@ -134,18 +134,26 @@ def make_demo_data(out: Path) -> Path:
     return comp
 
 
-def demo_scores(data: Path, out: Path) -> dict[str, float]:
-    """F0.5 of the submission against the synthetic ground truth (OUT/demo_data/ground_truth/<id>.png)."""
+def demo_scores(data: Path, out: Path, *, previews: bool = False) -> dict[str, float]:
+    """F0.5 of the submission against the synthetic ground truth (OUT/demo_data/ground_truth/<id>.png).
+
+    ``previews`` also writes OUT/previews/<id>_truth.png: found ink green, false ink red, missed ink blue."""
     import cv2
 
     from .metrics import fbeta
+    from .report import write_truth_preview
     from .rle import read_submission, rle_decode
 
     scores = {}
     for frag_id, rle in read_submission(out / "submission.csv"):
         truth = cv2.imread(str(data.parent / "ground_truth" / f"{frag_id}.png"), cv2.IMREAD_GRAYSCALE)
-        if truth is not None:
-            scores[frag_id] = fbeta(rle_decode(rle, truth.shape), truth > 0)
+        if truth is None:
+            continue
+        ink, truth = rle_decode(rle, truth.shape), truth > 0
+        scores[frag_id] = fbeta(ink, truth)
+        mask = cv2.imread(str(data / "test" / frag_id / "mask.png"), cv2.IMREAD_GRAYSCALE)
+        if previews and mask is not None and (out / "previews").is_dir():
+            write_truth_preview(out / "previews" / f"{frag_id}_truth.png", ink, truth, mask > 0)
     return scores
 
 
@@ -217,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_verdicts(report["projection"]))
         print(f"wrote {cfg.out / 'report.json'} (dry run: no submission)")
     if args.demo:
-        for frag_id, f05 in demo_scores(cfg.data, cfg.out).items():
+        for frag_id, f05 in demo_scores(cfg.data, cfg.out, previews=cfg.previews).items():
             print(f"demo: fragment {frag_id} F0.5 = {f05:.3f} against the synthetic ground truth")
+        if cfg.previews:
+            print(
+                f"demo: {cfg.out / 'previews'}/<id>_truth.png: found ink green, false ink red, missed ink blue"
+            )
     return 0
 
 

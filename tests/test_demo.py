@@ -32,7 +32,7 @@ def test_demo_fragments_are_held_out_and_the_checkpoints_ship() -> None:
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert main(["--demo", "--out", str(out), "--quiet", "--no-previews"]) == 0
+    assert main(["--demo", "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -44,6 +44,21 @@ def test_trained_demo_models_find_ink(demo_out: Path) -> None:
     report = json.loads((demo_out / "report.json").read_text())
     assert [m["status"] for m in report["models"]] == ["ok", "ok"]
     assert not any(m["random_weights"] for m in report["models"])
+
+
+def test_truth_previews_show_the_scored_pixels(demo_out: Path) -> None:
+    """Green, red and blue pixels of OUT/previews/<id>_truth.png are the hits, false ink and missed ink behind F0.5."""
+    import cv2
+    import numpy as np
+
+    from ink_infer.report import TRUTH_COLOURS
+
+    scores = demo_scores(demo_out / "demo_data" / "vesuvius-challenge-ink-detection", demo_out)
+    for frag_id, score in scores.items():
+        img = cv2.imread(str(demo_out / "previews" / f"{frag_id}_truth.png"))
+        n = {k: int((img == np.array(c, np.uint8)).all(-1).sum()) for k, c in TRUTH_COLOURS.items()}
+        assert n["hit"] > 0 and n["papyrus"] > n["hit"]
+        assert 1.25 * n["hit"] / (1.25 * n["hit"] + 0.25 * n["missed"] + n["false"]) == pytest.approx(score)
 
 
 def test_random_weights_do_not(demo_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
