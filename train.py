@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -69,6 +68,7 @@ from ink_infer.models.csn3d import InkDetCSN3D
 from ink_infer.models.inkdet25d import InkDet25D
 from ink_infer.stitch import upsample_probs
 from ink_infer.tiling import coverage_blocks, reference_order, touched_blocks
+from ink_infer.tuning import keep_freed_memory
 
 log = logging.getLogger("train")
 
@@ -1052,27 +1052,6 @@ def finish(tr: Trainer, args: argparse.Namespace) -> None:
     log.info("best valid F0.5 %.4f at epoch %d: %s", tr.best, tr.best_epoch, path)
     log.info("manifest entry (its file is relative to the folder given as --weights):")
     print(json.dumps(manifest_entry(tr.spec, path)))
-
-
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-KEEP_FREED_BYTES = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve big allocations from the heap and keep what is freed, for reuse by the next step.
-
-    Every training step frees and re-allocates the same activation and gradient sizes; by default each one above
-    glibc's mmap threshold is a fresh mapping whose pages all fault on first touch. Measured on 2 cores (irCSN demo
-    config, 50 steps): 28 s -> 18 s, system time 16.6 s -> 1.2 s, peak RSS 1.49 -> 1.81 GB, identical losses.
-    Returns False (and changes nothing) where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP_FREED_BYTES))
-    return bool(ok and mallopt(M_TRIM_THRESHOLD, ctypes.c_int(KEEP_FREED_BYTES)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,9 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     from . import pipeline  # torch and timm load here, after the arguments are known to be well-formed
     from .partials import Interrupted
+    from .tuning import keep_freed_memory
 
     try:
         cfg = config_from_args(args)
+        if pipeline.resolve_device(cfg.device).type == "cpu":
+            keep_freed_memory()  # CPU forward passes re-allocate the same activations every batch
         report = pipeline.run(cfg, fresh=args.fresh)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

