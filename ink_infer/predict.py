@@ -129,7 +129,7 @@ def cut_windows(
     buffer: WindowBuffer | None = None,
 ) -> torch.Tensor:
     """``(B, nz, side, side)`` float32 normalised windows ``raw * scale + shift`` cut from the held int16 band,
-    each flipped by its op (a flipped window is the band read backwards: no separate flip pass).
+    each flipped by its op, written into ``buffer`` (a fresh one if None).
 
     On the CPU this is OpenCV, slice by slice: ``addWeighted`` converts the strided int16 view and applies the affine
     in one pass (flipped windows are flipped while still int16, half the bytes). Measured on 2 cores
