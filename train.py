@@ -3,10 +3,10 @@
     python train.py --data /kaggle/input --manifest weights_manifest.json --config NAME --fold 0 --out runs/NAME/fold0
     python train.py ... --out runs/NAME/fold0 --resume runs/NAME/fold0/last.ckpt      # continue an interrupted run
     python train.py --data SYNTH --manifest ink_infer/demo/demo_manifest.json --config demo_25d_mbv3 \\
-        --valid-ids 4 --out runs/demo25d --export ink_infer/demo/demo_25d_mbv3.pt --export-ema-only --export-fp16
+        --valid-ids 6 --labels area --out runs/demo25d --export ink_infer/demo/demo_25d_mbv3.pt --export-ema-only --export-fp16
 
 Recipe: BCE + (1 - soft F0.5 over the batch) on 1/32 labels (bilinear, align_corners=True; ``--labels area`` for
-thin synthetic strokes) smoothed as ``t * 0.8 + 0.1``; AdamW (backbone / rest lr, no decay on biases and norms), cosine
+short CPU runs) smoothed as ``t * 0.8 + 0.1``; AdamW (backbone / rest lr, no decay on biases and norms), cosine
 schedule with 2% warm-up, EMA 0.99 (timm ``ModelEmaV2``), AMP on CUDA, gradient clip 2.0; flips, rot90,
 shift-scale-rotate, blur / noise, brightness-contrast, 32-aligned cutout, z-shift +-2, channel shuffle in groups,
 mixup (input or manifold) and cutmix. Validation: F0.5 of the EMA model at the best percentile threshold
@@ -519,8 +519,8 @@ def downsample_labels(lab: Tensor, *, mode: str = "bilinear") -> Tensor:
     """``(B, S, S)`` -> ``(B, 1, S/32, S/32)``.
 
     ``bilinear``: align_corners=True, as the reference; it samples points, which is fine for the real fragments'
-    broad ink. ``area``: the ink fraction of each 32 x 32 cell, for thin strokes (the synthetic set's are ~6 px), where
-    a point sample is mostly noise and the model learns far more slowly.
+    broad ink. ``area``: the ink fraction of each 32 x 32 cell, which carries more signal per step for thin strokes
+    and short runs (the demo models are trained with it, see the README).
     """
     if mode == "area":
         return F.avg_pool2d(lab[:, None], BLOCK)

@@ -239,9 +239,9 @@ TRUTH_COLOURS = {
 }
 
 
-def write_truth_preview(path: Path, ink: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, int]:
+def write_truth_preview(path: Path, ink: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> None:
     """PNG comparing predicted ``ink`` with ``truth`` (both ``(H, W)`` bool) inside ``mask``: found ink green,
-    false ink red, missed ink blue (``TRUTH_COLOURS``), full size. Returns the pixel count of each class."""
+    false ink red, missed ink blue (``TRUTH_COLOURS``), full size."""
     classes = {
         "hit": ink & truth,
         "false": ink & ~truth,
@@ -252,7 +252,6 @@ def write_truth_preview(path: Path, ink: np.ndarray, truth: np.ndarray, mask: np
     for name, where in classes.items():
         img[where] = TRUTH_COLOURS[name]
     _write_png(path, img)
-    return {name: int(where.sum()) for name, where in classes.items()}
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:

@@ -151,9 +151,10 @@ def demo_scores(data: Path, out: Path, *, previews: bool = False) -> dict[str, f
             continue
         ink, truth = rle_decode(rle, truth.shape), truth > 0
         scores[frag_id] = fbeta(ink, truth)
-        mask = cv2.imread(str(data / "test" / frag_id / "mask.png"), cv2.IMREAD_GRAYSCALE)
-        if previews and mask is not None and (out / "previews").is_dir():
-            write_truth_preview(out / "previews" / f"{frag_id}_truth.png", ink, truth, mask > 0)
+        if previews and (out / "previews").is_dir():
+            mask = cv2.imread(str(data / "test" / frag_id / "mask.png"), cv2.IMREAD_GRAYSCALE)
+            if mask is not None:
+                write_truth_preview(out / "previews" / f"{frag_id}_truth.png", ink, truth, mask > 0)
     return scores
 
 
