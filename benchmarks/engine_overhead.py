@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.naive_loop import naive_predict, saved_patches  # noqa: E402
+from benchmarks.naive_loop import naive_predict, reference_patch, saved_patches  # noqa: E402
 from ink_infer.config import ModelSpec  # noqa: E402
 from ink_infer.fragments import Fragment, Volume, load_mask  # noqa: E402
 from ink_infer.predict import predict_fragment  # noqa: E402
 from ink_infer.stitch import finalize  # noqa: E402
 from ink_infer.synthetic import write_dataset  # noqa: E402
 from ink_infer.threshold import binarize  # noqa: E402
-from ink_infer.tiling import coverage_blocks, touched_blocks, tta_ops, window_origins  # noqa: E402
+from ink_infer.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins  # noqa: E402
 from tests.standins import SampledInputModel  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def cut_patches(vol: Volume, mask: np.ndarray, folder: Path) -> None:
     """The reference's preprocessing: one (65, 32, 32) float32 .npy per block touching the mask."""
     for i, j in saved_patches(mask):
         band = vol.read_band(i * 32, (i + 1) * 32, 0, 65)[:, :, j * 32 : (j + 1) * 32]
-        np.save(folder / f"volume_{i}_{j}.npy", band.astype(np.float32) / 65535.0)
+        np.save(folder / f"volume_{i}_{j}.npy", reference_patch(band))
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
                 dtype=torch.float32, batch_size=4,
             )  # fmt: skip
             engine_s = time.perf_counter() - t0
-        count = coverage_blocks(origins, touched.shape, tile_blocks=8)
+        count = coverage_blocks(origins, cover_grid(mask.shape), tile_blocks=8)
         engine = finalize(sum_map, count, mask)
         t0 = time.perf_counter()
         naive = naive_predict(lambda i, j: np.load(patches / f"volume_{i}_{j}.npy"), mask, model, z_range=z)

@@ -2,9 +2,10 @@
 ground truth of the "same answer" test.
 
 As the team's notebook did (PIPELINE.md §4–5): every window is assembled on the CPU from its 8 x 8 saved
-32 x 32 patches (missing patches are zeros), normalised, flipped by ``k % 4`` in the sorted-file-name order,
-run, un-flipped after upsampling, and added into full-resolution sum and count maps. The maps cover the patch
-grid ``(H // 32 * 32, W // 32 * 32)``; pixels outside it keep count 0 (probability 0), as the reference.
+32 x 32 patches (missing patches are zeros; a patch holds ``float16(raw / 65535)``, the notebook's cell 5),
+normalised, flipped by ``k % 4`` in the sorted-file-name order, run, un-flipped after upsampling, and added into
+full-size ``(H, W)`` sum and count maps, cropped at the image border. So the last ``H % 32`` rows and ``W % 32``
+columns, which belong to no patch (their input is zeros), are still covered by the windows reaching them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import torch
 import torch.nn.functional as F
 
 PatchFn = Callable[[int, int], np.ndarray]  # (row, col) -> (65, 32, 32) float32 in [0, 1]
+
+
+def reference_patch(raw: np.ndarray) -> np.ndarray:
+    """The notebook's preprocessing of raw uint16 values: ``float16(float32(raw) / 65535)``, saved as float32."""
+    return (raw.astype(np.float32) / np.float32(65535.0)).astype(np.float16).astype(np.float32)
 
 
 def saved_patches(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -36,13 +42,12 @@ def naive_predict(
 ) -> np.ndarray:  # fmt: skip
     """``(H, W)`` float32 probability map of one model, the reference's way (float32 on the CPU)."""
     h, w = mask.shape
-    gh, gw = h // 32, w // 32
     saved = saved_patches(mask)
     have = set(saved)
     side = crop or tile
     off = (tile - side) // 2
-    p_sum = np.zeros((gh * 32, gw * 32), dtype=np.float32)
-    count = np.zeros((gh * 32, gw * 32), dtype=np.float32)
+    p_sum = np.zeros((h, w), dtype=np.float32)
+    count = np.zeros((h, w), dtype=np.float32)
     n = tile // 32
     for k, (i, j) in enumerate(saved):
         window = np.zeros((65, tile, tile), dtype=np.float32)
@@ -61,18 +66,12 @@ def naive_predict(
         prob = F.interpolate(prob, scale_factor=32, mode="bilinear", align_corners=True)
         if dims:
             prob = prob.flip(dims)
+        # the prediction pasted at the window's place, cropped at the image border (not at the patch grid)
         y0, x0 = i * 32 + off, j * 32 + off
-        y1, x1 = min(y0 + side, gh * 32), min(x0 + side, gw * 32)
+        y1, x1 = min(y0 + side, h), min(x0 + side, w)
         p_sum[y0:y1, x0:x1] += prob[0, 0, : y1 - y0, : x1 - x0].numpy()
         count[y0:y1, x0:x1] += 1
-    full_count = np.zeros((h, w), dtype=np.float32)
-    full_count[: gh * 32, : gw * 32] = count
-    full_count *= mask
+    count *= mask
     out = np.zeros((h, w), dtype=np.float32)
-    np.divide(
-        p_sum,
-        full_count[: gh * 32, : gw * 32],
-        out=out[: gh * 32, : gw * 32],
-        where=full_count[: gh * 32, : gw * 32] > 0,
-    )
+    np.divide(p_sum, count, out=out, where=count > 0)
     return out

@@ -18,7 +18,7 @@ from .report import write_preview
 from .rle import rle_encode, write_submission
 from .stitch import covered_mask, finalize
 from .threshold import binarize
-from .tiling import coverage_blocks
+from .tiling import cover_grid, coverage_blocks
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class FragmentState:
     origins: np.ndarray  # (N, 2) block coords, reference order
     ops: np.ndarray  # (N,) flip op
     ensemble: np.ndarray | None = None  # (H, W) float32, weighted sum of model probability maps
-    covered_blocks: np.ndarray | None = None  # (gh, gw) bool: covered by some model
+    covered_blocks: np.ndarray | None = None  # (ch, cw) bool on the cover grid: covered by some model
     weight_sum: float = 0.0
     notes: list[str] = field(default_factory=list)
     fingerprint: dict | None = (
@@ -43,10 +43,11 @@ class FragmentState:
 
 
 def model_count(state: FragmentState, spec: ModelSpec) -> np.ndarray:
-    """``(gh, gw)`` int32: how many of the model's squares cover each block of the fragment's grid."""
+    """``(ch, cw)`` int32: how many of the model's squares cover each block of the fragment's cover grid (the
+    partial blocks of the remainder rows and columns included, as the reference counted them)."""
     return coverage_blocks(
         state.origins,
-        state.touched.shape,
+        cover_grid(state.shape),
         tile_blocks=spec.tile // BLOCK,
         offset_blocks=spec.offset // BLOCK,
         side_blocks=spec.side // BLOCK,
@@ -59,7 +60,7 @@ def add_to_ensemble(state: FragmentState, spec: ModelSpec, sum_map: np.ndarray) 
     prob = finalize(sum_map, count, state.mask)
     if state.ensemble is None:
         state.ensemble = np.zeros(state.shape, dtype=np.float32)
-        state.covered_blocks = np.zeros(state.touched.shape, dtype=bool)
+        state.covered_blocks = np.zeros(cover_grid(state.shape), dtype=bool)
     state.ensemble += np.float32(spec.weight) * prob
     state.covered_blocks |= count > 0
     state.weight_sum += spec.weight

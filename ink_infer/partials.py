@@ -37,7 +37,9 @@ from .config import BLOCK, ModelSpec
 
 log = logging.getLogger(__name__)
 
-PARTIAL_FORMAT = 1
+# 2: maps on the cover grid (remainder rows/columns covered) from float16-rounded inputs; format-1 files are
+# results of the earlier rule and are never reused
+PARTIAL_FORMAT = 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -159,7 +161,7 @@ class PartialStore:
         """``(sum map (gh*32, gw*32) float32, stats saved with it, None)`` when a partial with this key is there;
         else ``(None, None, why)`` where ``why`` is None when there is simply no file.
 
-        ``covered``: ``(gh, gw)`` bool, the blocks some window covers, recomputed by the caller.
+        ``covered``: ``(ch, cw)`` bool on the cover grid, the blocks some window covers, recomputed by the caller.
         """
         digest, _ = partial_key(spec, weights=weights, fragment=fragment, **self._run)
         path = self.path(spec.name, fragment["id"])

@@ -1,13 +1,18 @@
 """One model over one fragment: stream slabs to the device, cut windows there, normalise, flip, run, stitch.
 
-Shapes: the device holds ``(nz, band_rows, W_pad)`` int16 (uint16 bits) of the model's slices; windows are cut as
-``(B, nz, side, side)`` views, converted to float32, normalised per window, cast to the model's dtype (float16 on
-CUDA, float32 on CPU, as the reference), and the ``(B, 1, side/32, side/32)`` logits are turned into probabilities
-and added to a float32 sum map on the device.
+Shapes: the device holds ``(nz, band_rows, W_pad)`` float16 of the model's slices, ``float16(raw / 65535)``: the
+reference's test preprocessing rounded every pixel to float16 before the model saw it (PIPELINE.md §4), and that
+rounding moves the probabilities (0.011 on average on an irCSN checkpoint), so every device feeds the models the
+rounded values. Converting a slab costs one table look-up per pixel, once per band; float16 is also the int16 raw's
+size, so the device holds no more than before. Windows are cut as ``(B, nz, side, side)`` views, converted to
+float32, normalised per window (mean and std of the rounded values), cast to the model's dtype (float16 on CUDA,
+float32 on CPU, as the reference), and the ``(B, 1, side/32, side/32)`` logits are turned into probabilities and
+added to a float32 sum map on the device.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -22,7 +27,7 @@ from tqdm import tqdm
 from .config import BLOCK, ModelSpec
 from .stitch import SumMap, upsample_probs
 from .stream import SlabReader, keep_pixels, rows_per_band_for, slab_plan
-from .tiling import band_plan
+from .tiling import band_plan, cover_grid
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +67,51 @@ def apply_flips(x: torch.Tensor, ops: np.ndarray) -> torch.Tensor:
     return x
 
 
-def block_sums(slab: torch.Tensor, *, z_chunk: int = 8) -> torch.Tensor:
-    """``(nz, r, Wp)`` biased int16 slab -> ``(2, r/32, Wp/32)`` float64 per-block sums of ``v`` and ``v**2``.
+# float16(raw / 65535) for every uint16 raw value, computed as the reference did (float32 division, then a cast
+# with round-to-nearest-even), so the look-up is the reference's own arithmetic on every device
+UNIT_FP16 = (np.arange(65536, dtype=np.float32) / np.float32(65535.0)).astype(np.float16)
 
-    ``v = (raw + 32768) / 65535`` is the reference's pixel value. Summing each block once per band lets every
+
+@functools.lru_cache(maxsize=4)
+def _unit_table(device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(UNIT_FP16).to(device)
+
+
+def unit_fp16(raw_bits: torch.Tensor, width: int | None = None, *, z_chunk: int = 8) -> torch.Tensor:
+    """``(nz, r, w)`` int16 holding uint16 bits -> ``(nz, r, width)`` float16 ``float16(raw / 65535)`` on the same
+    device, zero-padded on the right to ``width`` (default ``w``)."""
+    nz, r, w = raw_bits.shape
+    out = torch.zeros((nz, r, width or w), dtype=torch.float16, device=raw_bits.device)
+    if raw_bits.device.type == "cpu":
+        out.numpy()[..., :w] = UNIT_FP16[raw_bits.numpy().view(np.uint16)]
+        return out
+    table = _unit_table(raw_bits.device)
+    for z0 in range(0, nz, z_chunk):  # int32 indices a few slices at a time: bounded temporaries
+        out[z0 : z0 + z_chunk, :, :w] = table[raw_bits[z0 : z0 + z_chunk].to(torch.int32) & 0xFFFF]
+    return out
+
+
+def block_sums(slab: torch.Tensor, *, z_chunk: int = 8) -> torch.Tensor:
+    """``(nz, r, Wp)`` float16 slab -> ``(2, r/32, Wp/32)`` float64 per-block sums of ``v`` and ``v**2``.
+
+    ``v = float16(raw / 65535)`` is the reference's pixel value. Summing each block once per band lets every
     window's mean and std come from 64 block sums instead of a pass over its 2.3 M values (the window's own
-    normalisation in the reference, which dominated the CPU cost). Per-block sums of 1024 values in float32,
-    everything after in float64.
+    normalisation in the reference, which dominated the CPU cost). ``v`` and ``v**2`` are exact in float32 (11-bit
+    mantissas) and are summed in float64, so the window statistics are those of the rounded values to float64
+    rounding.
     """
     nz, r, wp = slab.shape
     out = torch.zeros((2, r // BLOCK, wp // BLOCK), dtype=torch.float64, device=slab.device)
     for z0 in range(0, nz, z_chunk):
-        v = (slab[z0 : z0 + z_chunk].float() + 32768.0) / 65535.0
+        v = slab[z0 : z0 + z_chunk].float()
         v = v.view(v.shape[0], r // BLOCK, BLOCK, wp // BLOCK, BLOCK)
-        out[0] += v.sum(dim=(0, 2, 4), dtype=torch.float32).double()
-        out[1] += (v * v).sum(dim=(0, 2, 4), dtype=torch.float32).double()
+        out[0] += v.sum(dim=(0, 2, 4), dtype=torch.float64)
+        out[1] += (v * v).sum(dim=(0, 2, 4), dtype=torch.float64)
     return out
 
 
 def window_affine(sums: torch.Tensor, rb: torch.Tensor, cb: torch.Tensor, *, side_blocks: int, n: int):
-    """Per-window ``scale, shift`` so that ``raw * scale + shift`` is the reference's normalised window.
+    """Per-window ``scale, shift`` so that ``v * scale + shift`` is the reference's normalised window.
 
     sums: ``(2, R, C)`` block sums of the held band; rb, cb: ``(B,)`` top-left block of each model square;
     n: values per window (slices x side x side). Normalisation: ``(v - mean) / (std + 1e-6)``, unbiased std,
@@ -93,8 +123,8 @@ def window_affine(sums: torch.Tensor, rb: torch.Tensor, cb: torch.Tensor, *, sid
     mean = tot[0] / n
     var = ((tot[1] - tot[0] * mean) / (n - 1)).clamp_min(0.0)
     std = var.sqrt() + 1e-6
-    scale = 1.0 / (65535.0 * std)
-    shift = (32768.0 / 65535.0 - mean) / std  # raw is biased by -32768
+    scale = 1.0 / std
+    shift = -mean / std
     return scale.float().view(-1, 1, 1, 1), shift.float().view(-1, 1, 1, 1)
 
 
@@ -128,11 +158,11 @@ def cut_windows(
     shift: torch.Tensor,
     buffer: WindowBuffer | None = None,
 ) -> torch.Tensor:
-    """``(B, nz, side, side)`` float32 normalised windows ``raw * scale + shift`` cut from the held int16 band,
+    """``(B, nz, side, side)`` float32 normalised windows ``v * scale + shift`` cut from the held float16 band,
     each flipped by its op, written into ``buffer`` (a fresh one if None).
 
-    On the CPU this is OpenCV, slice by slice: ``addWeighted`` converts the strided int16 view and applies the affine
-    in one pass (flipped windows are flipped while still int16, half the bytes). Measured on 2 cores
+    On the CPU this is OpenCV, slice by slice: ``addWeighted`` converts the strided float16 view and applies the
+    affine in one pass (flipped windows are flipped while still float16, half the bytes). Measured on 2 cores
     (``benchmarks/engine_overhead.py``): ~2x faster than numpy's multiply-then-add, itself ~10x faster than torch's
     strided ``copy_``. On CUDA, one ``copy_`` per window and one fused affine per batch.
     """
@@ -207,7 +237,8 @@ def predict_fragment(
     desc: str = "",
     on_batch: Callable[[PredictStats], None] | None = None,
 ) -> tuple[np.ndarray, PredictStats]:
-    """Sum of window probabilities over the fragment's block grid, ``(gh * 32, gw * 32)`` float32 on the host.
+    """Sum of window probabilities over the fragment's cover grid (``tiling.cover_grid``: the partial blocks of the
+    remainder rows and columns included), ``(ch * 32, cw * 32)`` float32 on the host.
 
     volume: a ``fragments.Volume`` (``read_band``, ``width``); touched: ``(gh, gw)`` bool blocks read as data;
     origins: ``(N, 2)`` block coords of the windows to run; ops: ``(N,)`` their flip op (``tta="scheduled"``).
@@ -215,10 +246,11 @@ def predict_fragment(
     """
     stats = PredictStats(batch_size=batch_size)
     t_start = time.perf_counter()
-    gh, gw = touched.shape
+    gw = touched.shape[1]
     tile, side, off = spec.tile, spec.side, spec.offset
     width_p = (gw + tile // BLOCK) * BLOCK  # room for windows running past the right edge
-    acc = SumMap((gh, gw), pad=tile, device=device)
+    # on the cover grid: windows reaching the last H % 32 rows / W % 32 columns predict there (the reference rule)
+    acc = SumMap(cover_grid((volume.height, volume.width)), pad=tile, device=device)
     runner = _Runner(model, dtype=dtype, batch_size=batch_size, pad=device.type == "cuda", stats=stats)
     on_cuda = device.type == "cuda"
     if rows_per_band is None:
@@ -279,23 +311,21 @@ def _to_device(
     device: torch.device,
     stream: torch.cuda.Stream | None,
 ) -> torch.Tensor:
-    """Host ``(nz, r, W)`` int16 (uint16 bits) -> device ``(nz, r, width_p)`` int16 holding ``v - 32768``.
+    """Host ``(nz, r, W)`` int16 (uint16 bits) -> device ``(nz, r, width_p)`` float16 ``float16(raw / 65535)``.
 
-    Blocks not read as data are zeroed first. The bias makes the uint16 range fit int16 exactly (older torch has
-    no uint16) and folds into the normalisation's shift, so windows need one conversion and one fused affine.
+    Blocks not read as data are zeroed first (raw 0 is 0.0), as the reference's missing patches were.
     """
     keep = torch.from_numpy(keep_pixels(touched, rows, width_p))
     if stream is None:
-        slab = host.clone()
+        slab = host * keep[:, : host.shape[-1]]  # a new tensor: the host buffer goes back to the reader
     else:
         with torch.cuda.stream(stream):
             slab = host.to(device, non_blocking=True)
         torch.cuda.current_stream(device).wait_stream(stream)
         slab.record_stream(torch.cuda.current_stream(device))
         stream.synchronize()  # the host buffer goes back to the reader right after this
-    slab = torch.nn.functional.pad(slab, (0, width_p - slab.shape[-1]))
-    slab *= keep.to(device=device, dtype=slab.dtype)
-    return slab.bitwise_xor_(-32768)  # uint16 bits v -> int16 value v - 32768
+        slab *= keep[:, : host.shape[-1]].to(device=device, dtype=slab.dtype)
+    return unit_fp16(slab, width_p)
 
 
 def _predict_windows(

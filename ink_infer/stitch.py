@@ -42,11 +42,12 @@ def upsample_probs(logits: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class SumMap:
-    """A float32 sum map over the block grid ``(gh * 32, gw * 32)``, plus ``pad`` rows/cols windows may run into.
+    """A float32 sum map over a block grid ``(gh * 32, gw * 32)``, plus ``pad`` rows/cols windows may run into.
 
     Lives on the compute device so windows are added where they were computed; only the finished map crosses to
-    the host. Pixels past the grid (the last ``H % 32`` rows, ``W % 32`` columns) and the padding are dropped at
-    the end: the reference gave them count 0, so probability 0.
+    the host. The predictor keeps it on the fragment's cover grid (``tiling.cover_grid``), so the remainder rows
+    and columns past the last whole block get their predictions as in the reference; pixels past the image itself
+    (the rest of the last partial block, and the padding) are dropped by ``finalize``.
     """
 
     def __init__(self, grid_shape: tuple[int, int], *, pad: int, device: torch.device) -> None:
@@ -70,25 +71,35 @@ class SumMap:
 
 
 def expand_blocks(blocks: np.ndarray, shape: tuple[int, int], *, block: int = BLOCK) -> np.ndarray:
-    """Repeat a ``(gh, gw)`` block map to pixels and pad with zeros to ``shape`` (the image's (H, W))."""
+    """Repeat a ``(gh, gw)`` block map to pixels, on the image's ``shape`` (H, W).
+
+    The grid may be the floor grid (pixels past it are zeros) or the cover grid (its partial blocks are cropped).
+    """
     full = np.zeros(shape, dtype=blocks.dtype)
     gh, gw = blocks.shape
-    full[: gh * block, : gw * block] = np.repeat(np.repeat(blocks, block, axis=0), block, axis=1)
+    h, w = min(shape[0], gh * block), min(shape[1], gw * block)
+    full[:h, :w] = np.repeat(np.repeat(blocks, block, axis=0), block, axis=1)[:h, :w]
     return full
 
 
 def finalize(sum_map: np.ndarray, count_blocks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``(H, W)`` float32 mean probability: ``sum / count`` inside the mask where covered, 0 elsewhere.
 
-    sum_map: ``(gh * 32, gw * 32)`` float32; count_blocks: ``(gh, gw)`` windows per block; mask: ``(H, W)`` bool.
-    Works one block row at a time, so no full-size count map is ever built (host memory on big fragments).
+    sum_map: ``(gh * 32, gw * 32)`` float32; count_blocks: ``(gh, gw)`` windows per block, on the cover grid
+    (``tiling.cover_grid``: the remainder rows and columns are covered, as in the reference) or on any smaller
+    grid (pixels past it get 0); mask: ``(H, W)`` bool. Works one block row at a time, so no full-size count map
+    is ever built (host memory on big fragments).
     """
+    h, w = mask.shape
     prob = np.zeros(mask.shape, dtype=np.float32)
     gw = count_blocks.shape[1]
+    cols = min(w, gw * BLOCK)
     for i, row in enumerate(count_blocks):
-        y0, y1 = i * BLOCK, (i + 1) * BLOCK
-        count = np.repeat(row.astype(np.float32), BLOCK)[None, :] * mask[y0:y1, : gw * BLOCK]
-        np.divide(sum_map[y0:y1], count, out=prob[y0:y1, : gw * BLOCK], where=count > 0)
+        y0, y1 = i * BLOCK, min(h, (i + 1) * BLOCK)
+        if y0 >= h:
+            break
+        count = np.repeat(row.astype(np.float32), BLOCK)[None, :cols] * mask[y0:y1, :cols]
+        np.divide(sum_map[y0:y1, :cols], count, out=prob[y0:y1, :cols], where=count > 0)
     return prob
 
 

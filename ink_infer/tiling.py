@@ -3,7 +3,10 @@
 The reference (PIPELINE.md §4–5) cut each fragment into 32 x 32 blocks on the grid ``i < H // 32, j < W // 32``
 (remainder rows and columns dropped) and kept the blocks that touch the mask. Every kept block is the TOP-LEFT
 corner of one window (stride 32): the window reads blocks ``(i .. i+7, j .. j+7)``, and blocks that were not kept
-(outside the mask, or past the grid) read as zeros. No I/O and no torch here.
+(outside the mask, or past the grid) read as zeros. The window's PREDICTION still lands on every pixel it spans,
+the last ``H % 32`` rows and ``W % 32`` columns included (the reference's accumulators were full-size and each window
+was cropped at the image border): predictions and counts live on the cover grid ``(ceil(H / 32), ceil(W / 32))``,
+whose last row and column of blocks are partial. No I/O and no torch here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ def touched_blocks(mask: np.ndarray, *, block: int = BLOCK) -> np.ndarray:
     gh, gw = mask.shape[0] // block, mask.shape[1] // block
     cut = mask[: gh * block, : gw * block]
     return cut.reshape(gh, block, gw, block).any(axis=(1, 3))
+
+
+def cover_grid(shape: tuple[int, int], *, block: int = BLOCK) -> tuple[int, int]:
+    """``(ceil(H / block), ceil(W / block))``: the blocks predictions and counts are kept on, partial ones included.
+
+    Origins lie on the floor grid (``touched_blocks``); windows reaching past it cover the remainder rows and
+    columns, as in the reference.
+    """
+    return -(-shape[0] // block), -(-shape[1] // block)
 
 
 def window_origins(touched: np.ndarray, *, stride_blocks: int = 1) -> np.ndarray:
@@ -82,7 +94,9 @@ def coverage_blocks(
 
     A window at block ``(r, c)`` reads ``tile_blocks`` blocks; the model sees (and predicts) the centred square of
     ``side_blocks`` blocks starting ``offset_blocks`` in. Footprints are block-aligned, so the count is constant per
-    block and is computed here once per geometry with a 2D difference array instead of per pixel.
+    block and is computed here once per geometry with a 2D difference array instead of per pixel. Pass the
+    fragment's ``cover_grid`` to count the partial blocks of the remainder rows and columns too (the reference
+    rule); footprints are clipped to ``grid_shape``.
     """
     side = tile_blocks if side_blocks is None else side_blocks
     gh, gw = grid_shape

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.naive_loop import reference_patch
+
 
 class ConstantModel(nn.Module):
     """Logit ``c`` everywhere: the stitched map must be ``sigmoid(c)`` over the covered mask, 0 elsewhere."""
@@ -55,7 +57,8 @@ class ArrayVolume:
         return band
 
     def patch_at(self, i: int, j: int) -> np.ndarray:
-        return self.data[:, i * 32 : (i + 1) * 32, j * 32 : (j + 1) * 32].astype(np.float32) / 65535.0
+        """The reference's saved patch ``(i, j)``: ``float16(raw / 65535)`` as float32 (PIPELINE.md §4)."""
+        return reference_patch(self.data[:, i * 32 : (i + 1) * 32, j * 32 : (j + 1) * 32])
 
 
 def random_volume(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -11,7 +11,7 @@ from ink_infer.config import ModelSpec
 from ink_infer.predict import predict_fragment
 from ink_infer.stitch import covered_mask, finalize
 from ink_infer.threshold import binarize
-from ink_infer.tiling import coverage_blocks, touched_blocks, tta_ops, window_origins
+from ink_infer.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
 from tests.standins import ArrayVolume, ConstantModel, PooledInputModel, blob_mask, random_volume
 
 CPU = torch.device("cpu")
@@ -27,7 +27,7 @@ def run_engine(model, spec, vol, mask, *, tta="scheduled", batch_size=5, rows_pe
     )  # fmt: skip
     count = coverage_blocks(
         origins,
-        touched.shape,
+        cover_grid(mask.shape),
         tile_blocks=spec.tile // 32,
         offset_blocks=spec.offset // 32,
         side_blocks=spec.side // 32,
@@ -46,8 +46,6 @@ def test_constant_model_gives_constant_map_over_covered_mask(shape):
     assert covered.any()
     np.testing.assert_allclose(prob[covered], 1 / (1 + np.exp(-0.7)), rtol=1e-6)
     assert (prob[~covered] == 0).all()
-    # the remainder rows/cols past the 32-grid are never covered (the reference gave them count 0)
-    assert (prob[(h // 32) * 32 :] == 0).all() and (prob[:, (w // 32) * 32 :] == 0).all()
     assert stats.windows == len(origins) == model.seen == touched_blocks(mask).sum()
 
 
@@ -122,8 +120,8 @@ def test_ensemble_is_the_weighted_mean_of_model_maps():
     state = FragmentState(None, (h, w), mask, touched, origins, tta_ops(len(origins)))
     spec_a = ModelSpec(name="a", arch="2.5d", in_chans=1, z_range=(0, 1), tile=128, weight=1.0)
     spec_b = ModelSpec(name="b", arch="2.5d", in_chans=1, z_range=(0, 1), tile=128, weight=3.0)
-    count = coverage_blocks(origins, touched.shape, tile_blocks=4)
-    grid = (touched.shape[0] * 32, touched.shape[1] * 32)
+    count = coverage_blocks(origins, cover_grid(mask.shape), tile_blocks=4)
+    grid = (count.shape[0] * 32, count.shape[1] * 32)
     ones = np.kron(count, np.ones((32, 32))).astype(np.float32)  # a model predicting 1 everywhere
     add_to_ensemble(state, spec_a, ones)
     add_to_ensemble(state, spec_b, np.zeros(grid, dtype=np.float32))
@@ -131,6 +129,116 @@ def test_ensemble_is_the_weighted_mean_of_model_maps():
     covered = covered_mask(count, mask)
     np.testing.assert_allclose(prob[covered], 0.25)
     assert (prob[~covered] == 0).all()
+
+
+def reference_counts(mask: np.ndarray, *, tile: int, crop: int | None) -> np.ndarray:
+    """``(H, W)`` windows covering each pixel by the reference rule, pixel by pixel (PIPELINE.md §4-5): every block
+    of the floor grid touching the mask is an origin; its model square is pasted into full-size maps cropped at the
+    image border, and the count is masked by the fragment mask."""
+    h, w = mask.shape
+    side = crop or tile
+    off = (tile - side) // 2
+    count = np.zeros((h, w), dtype=np.int32)
+    for i in range(h // 32):
+        for j in range(w // 32):
+            if mask[i * 32 : (i + 1) * 32, j * 32 : (j + 1) * 32].any():
+                count[i * 32 + off : i * 32 + off + side, j * 32 + off : j * 32 + off + side] += 1
+    return count * mask
+
+
+@pytest.mark.parametrize(("tile", "crop"), [(128, None), (192, 128)])
+def test_remainder_rows_and_columns_are_covered_with_the_reference_counts(tile, crop):
+    """The last H % 32 rows and W % 32 columns belong to no block, but windows reaching them predict there and
+    count (the reference's full-size accumulators); they are in the threshold's quantile region."""
+    h, w = 215, 307  # 215 % 32 = 23 rows and 307 % 32 = 19 columns past the block grid
+    yy, xx = np.mgrid[:h, :w]
+    mask = (yy > 60) | (xx > 200)  # reaches the bottom and right edges, and the bottom-right corner
+    mask[:40, :40] = False
+    vol = ArrayVolume(random_volume(h, w, seed=21))
+    spec = ModelSpec(name="c", arch="2.5d", in_chans=1, z_range=(30, 35), tile=tile, crop=crop)
+    c = 0.4
+    touched = touched_blocks(mask)
+    origins = window_origins(touched)
+    sum_map, _ = predict_fragment(
+        ConstantModel(c), spec, vol, touched, origins, tta_ops(len(origins)), device=CPU, dtype=torch.float32,
+        batch_size=4, rows_per_band=2,
+    )  # fmt: skip
+    expected = reference_counts(mask, tile=tile, crop=crop)
+    remainder = np.zeros((h, w), dtype=bool)
+    remainder[(h // 32) * 32 :] = True
+    remainder[:, (w // 32) * 32 :] = True
+    # the case under test: the remainder is covered (all of it but, for the crop, its first 32 rows and columns:
+    # no model square starts before the first origin plus the crop's offset), the bottom-right corner included
+    assert expected[h - 1, w - 1] > 0 and (expected[remainder & mask] > 0).mean() > 0.85
+    # the engine's sum of a constant model is count x sigmoid(c): its counts, pixel by pixel, are the reference's
+    engine_counts = np.rint(sum_map[:h, :w] / (1 / (1 + np.exp(-c)))).astype(np.int32) * mask
+    np.testing.assert_array_equal(engine_counts, expected)
+    count = coverage_blocks(
+        origins, cover_grid(mask.shape), tile_blocks=tile // 32, offset_blocks=spec.offset // 32,
+        side_blocks=spec.side // 32,
+    )  # fmt: skip
+    region = covered_mask(count, mask)
+    np.testing.assert_array_equal(region, expected > 0)
+    prob = finalize(sum_map, count, mask)
+    np.testing.assert_allclose(prob[region], 1 / (1 + np.exp(-c)), rtol=1e-6)
+    # the quantile is taken over the remainder too: a map that is high only there moves the threshold
+    high_at_edge = np.where(remainder, 1.0, 0.0).astype(np.float32) * region
+    q = 1 - (region & remainder).sum() / region.sum() / 2
+    _, thr = binarize(high_at_edge, region, q)
+    assert thr == 1.0
+
+
+def test_model_input_is_the_float16_rounded_raw_normalised():
+    """Every window the model sees is ``float16(raw / 65535)`` (the notebook's cell 5), zero outside the blocks the
+    reference saved, normalised with the window's mean and unbiased std + 1e-6: at an edge window and inside."""
+    from benchmarks.naive_loop import reference_patch
+
+    class Recorder(ConstantModel):
+        def __init__(self):
+            super().__init__(0.0)
+            self.inputs = []
+
+        def forward(self, x):
+            self.inputs.append(x.clone())
+            return super().forward(x)
+
+    h, w = 200, 231
+    mask = np.ones((h, w), dtype=bool)
+    mask[:64, :64] = False  # blocks outside the mask read as zeros
+    raw = random_volume(h, w, seed=31)
+    raw[:, :, 7] = 65535  # extremes of the range, and values that float16 cannot hold exactly
+    raw[:, 5, :] = 1
+    vol = ArrayVolume(raw)
+    spec = ModelSpec(name="r", arch="2.5d", in_chans=1, z_range=(10, 22), tile=128)
+    touched = touched_blocks(mask)
+    origins = window_origins(touched)
+    model = Recorder()
+    predict_fragment(
+        model, spec, vol, touched, origins, tta_ops(len(origins), mode="none"), device=CPU, dtype=torch.float32,
+        batch_size=3, rows_per_band=2, tta="none",
+    )  # fmt: skip
+    seen = torch.cat(model.inputs).numpy()
+    gh, gw = touched.shape
+    inside = next(k for k, (r, c) in enumerate(origins.tolist()) if 0 < r < gh - 4 and 0 < c < gw - 4)
+    edge = next(k for k, (r, c) in enumerate(origins.tolist()) if r == gh - 1 and c == gw - 1)
+    for k in (inside, edge):
+        r, c = origins[k]
+        rounded, exact = (np.zeros((65, 128, 128), dtype=np.float64) for _ in range(2))
+        for a in range(4):
+            for b in range(4):
+                if r + a < gh and c + b < gw and touched[r + a, c + b]:
+                    ys, xs = slice((r + a) * 32, (r + a + 1) * 32), slice((c + b) * 32, (c + b + 1) * 32)
+                    cell = (slice(None), slice(a * 32, (a + 1) * 32), slice(b * 32, (b + 1) * 32))
+                    rounded[cell] = reference_patch(raw[:, ys, xs])
+                    exact[cell] = raw[:, ys, xs] / 65535.0
+
+        def normalised(x):
+            x = x[10:22]
+            return (x - x.mean()) / (x.std(ddof=1) + 1e-6)
+
+        np.testing.assert_allclose(seen[k], normalised(rounded), atol=2e-5, rtol=0)
+        # the rounding is visible: the unrounded values normalise differently by far more than the tolerance
+        assert np.abs(seen[k] - normalised(exact)).max() > 1e-3
 
 
 @pytest.mark.parametrize(("s_in", "side"), [(8, 256), (6, 192), (4, 128)])
