@@ -86,10 +86,13 @@ class ThresholdSpec:
     region: str = "covered"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.percentile <= 1.0:
-            raise UserError(f"threshold percentile {self.percentile}: expected a number in [0, 1]")
-        if self.region not in ("covered", "mask"):
-            raise UserError(f"threshold region {self.region!r}: expected 'covered' or 'mask'")
+        from .schema import THRESHOLD_FIELDS, Invalid, check_field
+
+        try:
+            for key, rule in THRESHOLD_FIELDS.items():
+                check_field(rule, getattr(self, key), "threshold", key)
+        except Invalid as e:
+            raise UserError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,22 @@ class RunConfig:
     quiet: bool = False
     previews: bool = True
     on_model_error: str = "skip"  # skip | fail
+    max_nonfinite: float = (
+        0.01  # fraction of a fragment's windows that may give NaN/inf (zeroed) before a model fails
+    )
 
     def __post_init__(self) -> None:
-        if self.stride <= 0 or self.stride % BLOCK:
-            raise UserError(f"--stride {self.stride}: expected a positive multiple of {BLOCK}")
+        from .schema import CLI_NUMBERS, Invalid, check_field
+
+        numbers = {"--stride": self.stride, "--max-windows": self.max_windows, "--batch-size": self.batch_size,
+                   "--budget-hours": self.budget.hours, "--host-mem-gb": self.budget.host_mem_gb,
+                   "--gpu-mem-gb": self.budget.gpu_mem_gb, "--max-nonfinite": self.max_nonfinite}  # fmt: skip
+        try:
+            for option, value in numbers.items():
+                if value is not None or option != "--batch-size":  # None: chosen from the device
+                    check_field(CLI_NUMBERS[option], value, "argument", option)
+        except Invalid as e:
+            raise UserError(str(e)) from None
         if self.tta not in ("none", "scheduled", "full"):
             raise UserError(f"--tta {self.tta!r}: expected none, scheduled or full")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -66,7 +66,9 @@ def add_to_ensemble(state: FragmentState, spec: ModelSpec, sum_map: np.ndarray) 
     state.weight_sum += spec.weight
 
 
-def finish(states: list[FragmentState], cfg: RunConfig, threshold: ThresholdSpec) -> dict:
+def finish(
+    states: list[FragmentState], cfg: RunConfig, threshold: ThresholdSpec, *, partials_kept: int
+) -> dict:
     """Ensemble mean, percentile threshold, RLE; submission.csv written atomically, previews beside it.
 
     A preview that cannot be written is a warning; submission.csv that cannot be written is a ``UserError`` and
@@ -81,7 +83,7 @@ def finish(states: list[FragmentState], cfg: RunConfig, threshold: ThresholdSpec
         else:
             region = covered_mask(s.covered_blocks, s.mask)
         ink, thr = binarize(prob, region, threshold.percentile)
-        rows.append((s.fragment.id, rle_encode(ink)))
+        rows.append((s.fragment.submission_id, rle_encode(ink)))
         summary[s.fragment.id] = {
             "threshold": thr,
             "ink_fraction": float(ink.mean()),
@@ -97,8 +99,13 @@ def finish(states: list[FragmentState], cfg: RunConfig, threshold: ThresholdSpec
     try:
         write_submission(rows, path)
     except OSError as e:
+        kept = (
+            f"{partials_kept} finished (model, fragment) result(s) are kept in {cfg.out / 'partials'}, rerun the "
+            "same command once there is room"
+            if partials_kept
+            else "no finished result could be saved either"
+        )
         raise UserError(
-            f"{path}: cannot write ({e.strerror or e}): no new submission written; finished models are kept in "
-            f"{cfg.out / 'partials'}, rerun the same command once there is room"
+            f"{path}: cannot write ({e.strerror or e}): no new submission written; {kept}"
         ) from None
     return {"path": str(path), "fragments": summary}

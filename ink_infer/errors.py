@@ -14,3 +14,8 @@ class UserError(Exception):
 
 class ModelRunError(Exception):
     """A model failed while running (not the user's input): the pipeline may skip the model and go on."""
+
+
+class DeviceError(Exception):
+    """The device failed in a way that poisons the process (a CUDA error, a device-side assert): every later model
+    would fail the same way, so the run ends (exit 1); finished results stay in OUT/partials for a rerun."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ class Fragment:
 
     id: str
     path: Path
+    row_id: str | None = (
+        None  # the Id exactly as sample_submission.csv spells it (spaces kept), when it has one
+    )
+
+    @property
+    def submission_id(self) -> str:
+        """What submission.csv's Id column says for this fragment: the sample's own spelling."""
+        return self.id if self.row_id is None else self.row_id
 
 
 def find_fragments(data: Path, *, split: str = "test") -> tuple[list[Fragment], list[str]]:
@@ -53,8 +62,17 @@ def find_fragments(data: Path, *, split: str = "test") -> tuple[list[Fragment], 
     root = data if comp is None else (comp / split if (comp / split).is_dir() else comp)
     found, warnings = _fragment_dirs(root)
     csv_path = None if comp is None or split != "test" else comp / SAMPLE_SUBMISSION
+    spelled: dict[str, str] = {}
     if csv_path is not None and csv_path.is_file():
-        ids = _submission_ids(csv_path)
+        spelled = _submission_ids(csv_path)
+        ids = list(spelled)
+        if not ids:
+            raise UserError(f"{csv_path}: no rows after the header: it names no fragment to predict")
+        escaping = [i for i in ids if i in (".", "..") or "/" in i or "\\" in i]
+        if escaping:
+            raise UserError(
+                f"{csv_path}: row {escaping[0]!r} escapes {root}: expected a fragment folder's name"
+            )
         absent = [frag_id for frag_id in ids if frag_id not in found]
         if absent and (root / absent[0]).is_dir():
             raise UserError(
@@ -73,7 +91,13 @@ def find_fragments(data: Path, *, split: str = "test") -> tuple[list[Fragment], 
             )
     if not ids:
         raise UserError(f"{data}: no {split} fragments found (expected folders holding surface_volume/)")
-    return [Fragment(frag_id, found[frag_id]) for frag_id in ids], warnings
+    # row_id only where the sample spells the Id otherwise (surrounding spaces): it is written back as spelled
+    return [
+        Fragment(
+            frag_id, found[frag_id], spelled[frag_id] if spelled.get(frag_id, frag_id) != frag_id else None
+        )
+        for frag_id in ids
+    ], warnings
 
 
 def _competition_dir(data: Path, split: str) -> Path | None:
@@ -111,8 +135,9 @@ def _fragment_dirs(root: Path) -> tuple[dict[str, Path], list[str]]:
     return found, warnings
 
 
-def _submission_ids(csv_path: Path) -> list[str]:
-    """Ids of ``sample_submission.csv`` in row order (header ``Id,Predicted``; a BOM is tolerated)."""
+def _submission_ids(csv_path: Path) -> dict[str, str]:
+    """Ids of ``sample_submission.csv`` in row order (header ``Id,Predicted``; a BOM is tolerated): each stripped
+    of surrounding spaces (the folder it names) -> as spelled in the file (what submission.csv writes back)."""
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as fh:
             rows = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
@@ -122,11 +147,12 @@ def _submission_ids(csv_path: Path) -> list[str]:
     if "Id" not in header:
         raise UserError(f"{csv_path}: header {','.join(header) or '(empty)'}, expected Id,Predicted")
     col = header.index("Id")
-    ids = [row[col].strip() for row in rows[1:] if len(row) > col]
+    spelled = [row[col] for row in rows[1:] if len(row) > col]
+    ids = [i.strip() for i in spelled]
     dupes = sorted(frag_id for frag_id, n in Counter(ids).items() if n > 1)
     if dupes:
         raise UserError(f"{csv_path}: id {dupes[0]!r} appears more than once")
-    return ids
+    return dict(zip(ids, spelled, strict=True))
 
 
 def _natural_key(frag_id: str) -> tuple[int, int | str]:
@@ -160,6 +186,12 @@ class Volume:
                 self._slices.append(source)
             shapes = [src.shape for src in self._slices]
             _check_shapes(shapes, paths, self._base)
+            single = sum(getattr(src, "single_segment", False) for src in self._slices)
+            if single:
+                self.warnings.append(
+                    f"{_display(fragment.path / 'surface_volume', self._base)}: {single} of {len(paths)} slices are "
+                    "compressed as a single segment: every band decodes the whole slice (slow)"
+                )
             self._closer = stack.pop_all()  # all good: keep the files open until close()
         self.height, self.width = shapes[0]
 
@@ -285,13 +317,34 @@ def load_labels(source: Fragment | Path, shape: tuple[int, ...]) -> np.ndarray:
 
 def _read_binary_png(path: Path, shape: tuple[int, ...], base: Path) -> np.ndarray:
     # ANYDEPTH keeps 16-bit PNGs at full depth, so a 0/1 16-bit mask is not shifted down to all zeros.
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    with (
+        native_stderr_silenced()
+    ):  # OpenCV and libpng print their own WARN/ERROR lines; ours is the one that counts
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if image is None:
         raise UserError(f"{_display(path, base)}: not a readable image")
     if image.shape != tuple(shape):
         h, w = image.shape
         raise UserError(f"{_display(path, base)}: {h}x{w}, slices {shape[0]}x{shape[1]}")
     return image > 0
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 points at /dev/null inside the block: C libraries (libpng, OpenCV's loader) write there
+    directly, past Python's ``sys.stderr``. Used only around a single image read, before any thread is started."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to save: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def open_volume(fragment: Fragment) -> Volume:

@@ -25,8 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ARCHS, N_SLICES, WIDTH_ARCH, ModelSpec, ThresholdSpec
+from .config import N_SLICES, WIDTH_ARCH, ModelSpec, ThresholdSpec
 from .errors import UserError
+from .schema import MODEL_FIELDS, NULLABLE_MODEL_KEYS, THRESHOLD_FIELDS, Invalid, check_field
 
 TOP_KEYS = {"format", "name", "threshold", "models"}
 REQUIRED_MODEL_KEYS = {"name", "arch", "in_chans", "z_range", "tile", "file", "sha256"}
@@ -69,15 +70,17 @@ def load_manifest(path: Path) -> Manifest:
     missing = {"format", "models"} - set(raw)
     if unknown or missing:
         raise UserError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-    if raw["format"] != 1:
+    if raw["format"] != 1 or isinstance(raw["format"], bool):
         raise UserError(f"{path}: format {raw['format']!r}, expected 1")
     thr = raw.get("threshold", {})
-    if not isinstance(thr, dict) or set(thr) - {"percentile", "region"}:
+    if not isinstance(thr, dict) or set(thr) - set(THRESHOLD_FIELDS):
         raise UserError(f"{path}: threshold must be {{'percentile': float, 'region': 'covered'|'mask'}}")
     try:
-        threshold = ThresholdSpec(**thr)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+        threshold = ThresholdSpec(
+            **{k: check_field(THRESHOLD_FIELDS[k], value, path, f"threshold {k}") for k, value in thr.items()}
+        )
+    except Invalid as e:
+        raise UserError(str(e)) from None
     entries = raw["models"]
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{path}: 'models' must be a non-empty list")
@@ -90,68 +93,60 @@ def load_manifest(path: Path) -> Manifest:
 
 
 def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
+    """One entry checked field by field against ``schema.MODEL_FIELDS``, then across fields."""
     where = f"{path}: models[{index}]"
     if not isinstance(e, dict):
         raise UserError(f"{where}: expected an object")
-    where = f"{path}: model {e.get('name', index)!r}"
+    if isinstance(e.get("name"), str) and e["name"].strip():
+        where = f"{path}: model {e['name']!r}"
     unknown = set(e) - REQUIRED_MODEL_KEYS - OPTIONAL_MODEL_KEYS
     missing = REQUIRED_MODEL_KEYS - set(e)
     if unknown or missing:
         raise UserError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-    arch = e["arch"]
-    if arch not in ARCHS:
-        raise UserError(f"{where}: arch {arch!r}, expected one of {list(ARCHS)}")
-    z = e["z_range"]
-    if not (isinstance(z, list) and len(z) == 2 and all(isinstance(v, int) for v in z)):
-        raise UserError(f"{where}: z_range {z!r}, expected [start, stop)")
+    v: dict = {}
+    for key, value in e.items():
+        if value is None and key in NULLABLE_MODEL_KEYS:
+            v[key] = None
+            continue
+        try:
+            v[key] = check_field(MODEL_FIELDS[key], value, where, key)
+        except Invalid as err:
+            raise UserError(str(err)) from None
+    arch, z, tile, crop, in_chans = v["arch"], v["z_range"], v["tile"], v.get("crop"), v["in_chans"]
     if not 0 <= z[0] < z[1] <= N_SLICES:
-        raise UserError(f"{where}: z_range {z} outside the volume's {N_SLICES} slices")
-    tile, crop, in_chans = e["tile"], e.get("crop"), e["in_chans"]
-    if not isinstance(tile, int) or tile <= 0 or tile % 32:
-        raise UserError(f"{where}: tile {tile!r}, expected a positive multiple of 32")
-    if crop is not None and (
-        not isinstance(crop, int) or crop <= 0 or crop % 32 or crop > tile or (tile - crop) % 64
-    ):
+        raise UserError(f"{where}: z_range {list(z)} outside the volume's {N_SLICES} slices (or empty)")
+    if crop is not None and (crop > tile or (tile - crop) % 64):
         raise UserError(
             f"{where}: crop {crop!r}, expected a multiple of 32, at most tile, centred on the 32 grid"
         )
-    if not isinstance(in_chans, int) or in_chans <= 0 or (z[1] - z[0]) % in_chans:
+    if (z[1] - z[0]) % in_chans:
         raise UserError(f"{where}: in_chans {in_chans!r} does not divide the {z[1] - z[0]} slices of z_range")
-    if arch == "2.5d" and (not e.get("backbone") or not isinstance(e.get("num_3d_layer"), int)):
+    if arch == "2.5d" and (v.get("backbone") is None or v.get("num_3d_layer") is None):
         raise UserError(f"{where}: a 2.5d model needs 'backbone' (a timm name) and 'num_3d_layer'")
-    if arch == "csn3d" and e.get("depth") not in (50, 101, 152) and not e.get("stage_blocks"):
+    if arch == "csn3d" and v.get("depth") is None and v.get("stage_blocks") is None:
         raise UserError(f"{where}: a csn3d model needs 'depth' (50 or 152) or 'stage_blocks'")
-    for key, key_arch in WIDTH_ARCH.items():
-        value = e.get(key)
-        if value is None:
-            continue
-        if key_arch != arch:
+    for key, key_arch in {**WIDTH_ARCH, "backbone": "2.5d", "num_3d_layer": "2.5d", "depth": "csn3d",
+                          "stage_blocks": "csn3d"}.items():  # fmt: skip
+        if v.get(key) is not None and key_arch != arch:
             raise UserError(f"{where}: {key!r} applies to {key_arch} models only, this one is {arch}")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{where}: {key} {value!r}, expected a positive integer")
-    file = e["file"]
-    if file is not None:
-        _check_relative(where, file)
-    sha = e["sha256"]
-    if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
-        raise UserError(f"{where}: sha256 {sha!r}, expected 64 hex digits or null")
-    blocks = e.get("stage_blocks")
+    if v["file"] is not None:
+        _check_relative(where, v["file"])
     return ModelSpec(
-        name=str(e["name"]),
+        name=v["name"],
         arch=arch,
         in_chans=in_chans,
         z_range=(z[0], z[1]),
         tile=tile,
         crop=crop,
-        backbone=e.get("backbone"),
-        num_3d_layer=e.get("num_3d_layer"),
-        depth=e.get("depth"),
-        stage_blocks=tuple(blocks) if blocks else None,
-        **{key: e.get(key) for key in WIDTH_ARCH},
-        file=file,
-        sha256=sha,
-        size=e.get("size"),
-        weight=float(e.get("weight", 1.0)),
+        backbone=v.get("backbone"),
+        num_3d_layer=v.get("num_3d_layer"),
+        depth=v.get("depth"),
+        stage_blocks=v.get("stage_blocks"),
+        **{key: v.get(key) for key in WIDTH_ARCH},
+        file=v["file"],
+        sha256=v["sha256"],
+        size=v.get("size"),
+        weight=v.get("weight", 1.0),
     )
 
 

@@ -15,10 +15,10 @@ import torch
 
 from .config import ModelSpec, RunConfig
 from .ensemble import FragmentState, add_to_ensemble, model_count
-from .errors import ModelRunError, UserError
+from .errors import DeviceError, ModelRunError, UserError
 from .fragments import open_volume
 from .models import build_model
-from .models.checkpoint import load_weights
+from .models.checkpoint import load_weights, state_shapes
 from .partials import Interrupted, PartialStore, StopRequest
 from .predict import PredictStats, predict_fragment
 from .report import gpu_peaks_gib, host_peak_gib, project, stats_entry
@@ -28,8 +28,37 @@ from .tuning import tune
 log = logging.getLogger(__name__)
 
 RANDOM_SEED = 0  # random-init rehearsals are reproducible, and their partials can be keyed by it
-# what a running model may raise and be skipped for; anything else is a bug and keeps its traceback
-MODEL_ERRORS = (ModelRunError, RuntimeError, ValueError, ArithmeticError)
+# What a model may be skipped for: what a model can cause. Its forward failing (``GuardedModel`` turns that into a
+# ModelRunError), its weights going bad mid-run, non-finite outputs beyond ``--max-nonfinite``, and out of memory
+# after the batch was halved. Anything else is a bug in ink_infer: it keeps its traceback and ends the run.
+MODEL_ERRORS = (ModelRunError, torch.cuda.OutOfMemoryError)
+
+
+def cuda_poisoned(e: BaseException) -> bool:
+    """A CUDA error (illegal access, device-side assert, launch failure) leaves the context unusable."""
+    accel = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises this for CUDA errors
+    return (accel is not None and isinstance(e, accel)) or "CUDA error" in str(e)
+
+
+class GuardedModel(torch.nn.Module):
+    """The model, with what its forward raises sorted out: out of memory passes through (the predictor halves the
+    batch), a CUDA error is a ``DeviceError`` (the run ends), any other failure of the forward is the model's
+    (``ModelRunError``: the model is skipped under ``--on-model-error skip``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.inner(x)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, ArithmeticError, NotImplementedError) as e:
+            first = f"{type(e).__name__}: {e}".splitlines()[0]
+            if cuda_poisoned(e):
+                raise DeviceError(f"the device failed ({first}); results so far are in partials") from e
+            raise ModelRunError(first) from e
 
 
 class BudgetSkip(Exception):
@@ -59,6 +88,12 @@ class RunContext:
     store: PartialStore | None  # None in a dry run: sampled windows are no result to keep
     fresh: bool  # --fresh: partials are written but never read
     partials: dict  # report["partials"]: reused and ignored (model, fragment) pairs
+
+
+def expected_state(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The model's ``{key: shape}``, built on the meta device (no memory, ~0.2 s for a reference config)."""
+    with torch.device("meta"):
+        return state_shapes(build_model(spec))
 
 
 def load_model(
@@ -107,7 +142,7 @@ def run_model(
         entry.update(status="skipped", reason=str(e))
         log.warning("model %s skipped: %s", spec.name, e)
     except MODEL_ERRORS as e:
-        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        reason = (str(e) if isinstance(e, ModelRunError) else f"{type(e).__name__}: {e}").splitlines()[0]
         entry.update(status="failed", reason=reason)
         if cfg.on_model_error == "fail":
             raise ModelRunError(f"model {spec.name} failed: {reason} (--on-model-error fail)") from e
@@ -115,7 +150,7 @@ def run_model(
     except Interrupted:
         entry["status"] = "interrupted"
         raise
-    except UserError as e:  # fixable input found mid-run (a checkpoint that does not fit): ends the run
+    except (UserError, DeviceError) as e:  # the data went bad mid-run, or the device failed: ends the run
         entry.update(status="failed", reason=str(e))
         raise
     finally:
@@ -130,7 +165,11 @@ def _compute(
     """Build and load the model, tune it, run the fragments ``todo``, free it. Returns their sum maps by id."""
     model = None
     try:
-        model, info = load_model(spec, weights.path, device=ctx.device, dtype=ctx.dtype)
+        try:
+            model, info = load_model(spec, weights.path, device=ctx.device, dtype=ctx.dtype)
+        except UserError as e:  # checked at the start, so the file changed since: this model's failure alone
+            raise ModelRunError(f"weights unusable mid-run: {e}") from None
+        model = GuardedModel(model)
         entry.update(info)
         if weights.path is None:
             log.warning("model %s: random weights (--allow-random-weights)", spec.name)
@@ -193,7 +232,7 @@ def _run_fragments(
         done += len(s.origins)
         stats_e = stats_entry(stats)
         entry["fragments"][s.fragment.id] = stats_e
-        _check_outputs(spec, s.fragment.id, stats_e, entry)
+        _check_outputs(spec, s.fragment.id, stats_e, entry, limit=cfg.max_nonfinite)
         if not cfg.dry_run:
             failed = ctx.store.save(
                 spec, weights=weights.identity, fragment=s.fingerprint, sum_map=sum_map,
@@ -204,11 +243,16 @@ def _run_fragments(
     return results
 
 
-def _check_outputs(spec: ModelSpec, frag_id: str, stats: dict, entry: dict) -> None:
-    """Warn about NaN/inf windows and OOM retries; a model with no finite window on a fragment has failed."""
+def _check_outputs(spec: ModelSpec, frag_id: str, stats: dict, entry: dict, *, limit: float = 1.0) -> None:
+    """Warn about NaN/inf windows and OOM retries; a model whose NaN/inf windows on a fragment are all of them, or
+    more than the ``limit`` fraction (``--max-nonfinite``), has failed."""
     bad, n = stats["nonfinite_windows"], stats["windows"]
     if bad and bad == n:
         raise ModelRunError(f"all {n} windows of fragment {frag_id} gave NaN or inf")
+    if bad > limit * n:
+        raise ModelRunError(
+            f"{bad} of {n} windows of fragment {frag_id} gave NaN or inf, more than --max-nonfinite {limit:g}"
+        )
     new = []
     if bad:
         new.append(

@@ -20,17 +20,19 @@ it. submission.csv is only ever replaced, atomically, by a complete one: it is a
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .config import BLOCK, RunConfig
-from .ensemble import FragmentState, finish
-from .errors import ModelRunError, UserError
+from .ensemble import FragmentState, finish, model_count
+from .errors import DeviceError, ModelRunError, UserError
 from .fragments import Fragment, find_fragments, load_mask, open_volume
 from .manifest import Manifest, find_weights, load_manifest, resolve_weights, verify_file
-from .model_run import RunContext, Weights, run_model
+from .model_run import RunContext, Weights, expected_state, run_model
+from .models.checkpoint import check_checkpoint
 from .partials import Interrupted, PartialStore, StopRequest, fragment_fingerprint
 from .report import environment, interrupted_at, interrupted_message, verdicts, write_report
 from .tiling import touched_blocks, tta_ops, window_origins
@@ -57,6 +59,54 @@ def prepare_out(out: Path) -> None:
         (out / "previews").mkdir(exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: --out is not writable ({e.strerror or e})") from None
+
+
+# what a run writes besides partials, per fragment: its submission row, two previews, its share of report.json
+OUTPUT_BYTES_PER_FRAGMENT = 16 * 2**20
+
+
+def check_free_space(out: Path, states: list[FragmentState], manifest: Manifest, *, dry_run: bool) -> dict:
+    """Free space under ``out`` against what the run will write, before any compute.
+
+    Partials: the covered 32 x 32 blocks of every (model, fragment) as float32 (files already there are replaced,
+    so their size counts as free); outputs: ``OUTPUT_BYTES_PER_FRAGMENT``. Too little for the outputs is refused;
+    too little for the partials is a warning (they are what a rerun resumes from, not the result). Returns the
+    figures for report.json."""
+    free = shutil.disk_usage(out).free
+    partials = 0
+    if not dry_run:
+        for spec in manifest.models:
+            for s in states:
+                partials += int((model_count(s, spec) > 0).sum()) * BLOCK * BLOCK * 4
+        partials -= (
+            sum(f.stat().st_size for f in (out / "partials").glob("*.npz"))
+            if (out / "partials").is_dir()
+            else 0
+        )
+    outputs = OUTPUT_BYTES_PER_FRAGMENT * len(states)
+    figures = {"free_bytes": free, "partials_bytes": max(partials, 0), "outputs_bytes": outputs}
+    mb = 2**20
+    if free < outputs:
+        raise UserError(
+            f"{out}: {free / mb:.0f} MB free, the outputs need about {outputs / mb:.0f} MB "
+            f"(and the partials {max(partials, 0) / mb:.0f} MB): free some space or choose another --out"
+        )
+    if free < outputs + partials:
+        log.warning(
+            "%s: %.0f MB free, the partials need about %.0f MB: results that cannot be saved are not kept for a "
+            "rerun (the submission is unaffected)", out, free / mb, partials / mb,
+        )  # fmt: skip
+    return figures
+
+
+def check_stride(stride: int, manifest: Manifest) -> None:
+    """A stride wider than a model's square leaves pixels between its windows without a prediction: refused."""
+    narrowest = min(manifest.models, key=lambda m: m.side)
+    if stride > narrowest.side:
+        raise UserError(
+            f"--stride {stride}: wider than the {narrowest.side}-px square of model {narrowest.name!r}, so pixels "
+            f"between its windows would get no prediction; use at most {narrowest.side} (reference: 32)"
+        )
 
 
 def prepare_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentState:
@@ -103,6 +153,25 @@ def preflight_weights(manifest: Manifest, cfg: RunConfig) -> dict[str, Weights]:
         except OSError as e:
             raise UserError(f"{path}: cannot read weights ({e.strerror or e})") from None
         weights[spec.name] = Weights(path, digest)
+    bad = []
+    for spec in manifest.models:  # opened (keys, shapes, hyper-parameters), not loaded: seconds for 18 files
+        path = weights[spec.name].path
+        if path is None:
+            continue
+        try:
+            expected = expected_state(spec)
+        except (RuntimeError, ValueError) as e:  # timm or our builders refusing the entry's configuration
+            raise UserError(
+                f"{manifest.path}: model {spec.name!r} cannot be built: {e}".splitlines()[0]
+            ) from None
+        try:
+            check_checkpoint(path, spec, expected)
+        except UserError as e:
+            bad.append(str(e))
+        except OSError as e:
+            bad.append(f"{path}: cannot read weights ({e.strerror or e})")
+    if bad:
+        raise UserError("\n".join(bad))  # one line per bad file
     return weights
 
 
@@ -116,9 +185,11 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> dict:
     t0 = time.perf_counter()
     prepare_out(cfg.out)
     manifest = load_manifest(cfg.manifest)
+    check_stride(cfg.stride, manifest)
     threshold = cfg.threshold or manifest.threshold
     fragments, warnings = find_fragments(cfg.data)
     states = [prepare_fragment(f, stride=cfg.stride, tta=cfg.tta) for f in fragments]
+    disk = check_free_space(cfg.out, states, manifest, dry_run=cfg.dry_run)
     weights = preflight_weights(manifest, cfg)
     device = resolve_device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -139,6 +210,7 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> dict:
         "threshold": {"percentile": threshold.percentile, "region": threshold.region},
         "environment": environment(device),
         "gpu_memory_fraction": gpu_fraction,
+        "disk": disk,
         "warnings": warnings,
         "fragments": {s.fragment.id: {"shape": list(s.shape), "windows": len(s.origins)} for s in states},
         "partials": {"dir": None if cfg.dry_run else str(cfg.out / "partials"), "fresh": fresh, "reused": []},
@@ -165,13 +237,24 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> dict:
             if cfg.dry_run:
                 report["projection"] = verdicts(report["models"], cfg)
             else:
-                report["submission"] = finish(states, cfg, threshold)
+                kept = sum(
+                    f.get("partial") in ("saved", "reused")
+                    for m in report["models"]
+                    for f in m["fragments"].values()
+                )
+                report["submission"] = finish(states, cfg, threshold, partials_kept=kept)
         except Interrupted as e:
             report.update(status="interrupted", interrupted=interrupted_at(report, e.signum))
             write_report(cfg.out, report, t0, final=False)
             raise Interrupted(e.signum, interrupted_message(report, cfg.out)) from None
-        except (ModelRunError, UserError) as e:
+        except (ModelRunError, UserError, DeviceError) as e:
             report.update(status="failed", error=str(e))
+            write_report(cfg.out, report, t0, final=False)
+            raise
+        except (
+            Exception
+        ) as e:  # a bug: the traceback is kept (exit 1), and report.json still ends in a status
+            report.update(status="failed", error=f"internal error: {type(e).__name__}: {e}".splitlines()[0])
             write_report(cfg.out, report, t0, final=False)
             raise
     report["status"] = "ok"

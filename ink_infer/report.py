@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import time
@@ -88,10 +89,28 @@ def write_report(out: Path, report: dict, t0: float, *, final: bool) -> None:
         write_json(out / "report.json", report)
     except OSError as e:
         why = e.strerror or str(e)
+        if _replace_in_place(out / "report.json", json.dumps(report, indent=1, default=_jsonable) + "\n"):
+            return
         if final:
             done = "submission.csv was written" if "submission" in report else "no submission in a dry run"
             raise UserError(f"{out / 'report.json'}: cannot write ({why}); {done}") from None
         log.warning("%s: cannot write (%s)", out / "report.json", why)
+
+
+def _replace_in_place(path: Path, text: str) -> bool:
+    """Fallback when the atomic write failed (a full disk has no room for a second copy): truncate the old file,
+    which frees its blocks, and write the new one there. If even that fails the file is removed, so no stale
+    status is ever left behind, and False is returned."""
+    try:
+        with open(path, "r+" if path.exists() else "w", encoding="utf-8") as f:
+            f.truncate(0)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        path.unlink(missing_ok=True)
+        return False
 
 
 def interrupted_at(report: dict, signum: int) -> dict:

@@ -44,6 +44,8 @@ TIFF_ERRORS = (
 class MappedSlice:
     """An uncompressed slice, memory-mapped. ``read_rows`` copies rows [y0, y1) into a (y1 - y0, W) array."""
 
+    single_segment = False
+
     memmapped = True
 
     def __init__(self, path: Path, page: tifffile.TiffPage, byteorder: str, display: str) -> None:
@@ -93,10 +95,8 @@ class DecodedSlice:
         self._across = -(-self._width // self._seg_w)
         if len(page.dataoffsets) != self._across * -(-self._height // self._seg_h):
             raise UserError(f"{display}: {len(page.dataoffsets)} data segments, expected one greyscale plane")
-        if len(page.dataoffsets) == 1:
-            log.warning(
-                "%s: compressed as a single segment: every band decodes the whole slice (slow)", display
-            )
+        # said once per volume by its opener, not once per slice (fragments.Volume)
+        self.single_segment = len(page.dataoffsets) == 1
         first = (min(self._seg_h, self._height), min(self._seg_w, self._width))
         self._decode_segment(
             0, first

@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 from .config import Budget, RunConfig, ThresholdSpec
-from .errors import ModelRunError, UserError
+from .errors import DeviceError, ModelRunError, UserError
 from .manifest import DEMO_MANIFEST
 from .report import format_table
+from .schema import cli_type
 
 log = logging.getLogger("ink_infer")
 
@@ -50,31 +51,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument(
-        "--stride", type=int, default=32, help="window stride in pixels, a multiple of 32 (reference: 32)"
-    )
+        "--stride", type=cli_type("--stride"), default=32,
+        help="window stride in pixels, a multiple of 32, at most the smallest model square (reference: 32)",
+    )  # fmt: skip
     p.add_argument("--tta", default="scheduled", choices=["none", "scheduled", "full"])
-    p.add_argument("--threshold", type=float, default=None, help="percentile (default: the manifest's, 0.93)")
+    p.add_argument(
+        "--threshold", type=cli_type("--threshold"), default=None,
+        help="quantile in [0, 1] of the region's probabilities (default: the manifest's, 0.93)",
+    )  # fmt: skip
     p.add_argument("--threshold-region", choices=["covered", "mask"], default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--batch-size",
+        type=cli_type("--batch-size"),
+        default=None,
+        help="windows per batch (default: automatic)",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="run a sample of windows per model and project the full run"
     )
-    p.add_argument("--max-windows", type=int, default=64, help="windows per fragment and model in a dry run")
+    p.add_argument(
+        "--max-windows",
+        type=cli_type("--max-windows"),
+        default=64,
+        help="windows per fragment and model in a dry run",
+    )
     p.add_argument(
         "--scale-to", action="append", default=[], metavar="HxW", help="also project a fragment of this size"
     )
     p.add_argument(
         "--allow-random-weights", action="store_true", help="run entries without weights with random init"
     )
-    p.add_argument("--budget-hours", type=float, default=9.0)
-    p.add_argument("--host-mem-gb", type=float, default=13.0)
-    p.add_argument("--gpu-mem-gb", type=float, default=16.0)
+    p.add_argument(
+        "--budget-hours", type=cli_type("--budget-hours"), default=9.0, help="time budget of the run"
+    )
+    p.add_argument(
+        "--host-mem-gb",
+        type=cli_type("--host-mem-gb"),
+        default=13.0,
+        help="host memory budget (dry-run verdict)",
+    )
+    p.add_argument(
+        "--gpu-mem-gb", type=cli_type("--gpu-mem-gb"), default=16.0, help="GPU memory the run is held to"
+    )
     p.add_argument(
         "--on-model-error",
         choices=["skip", "fail"],
         default="skip",
         help="a model failing mid-run is skipped (recorded in report.json) or ends the run",
     )
+    p.add_argument(
+        "--max-nonfinite", type=cli_type("--max-nonfinite"), default=0.01, metavar="FRACTION",
+        help="windows of a fragment that may give NaN/inf (zeroed, counted) before the model counts as failed",
+    )  # fmt: skip
     p.add_argument(
         "--fresh", action="store_true", help="recompute everything, ignoring results saved in OUT/partials"
     )
@@ -119,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         scale_to=tuple(parse_size(s) for s in args.scale_to), allow_random_weights=allow_random,
         batch_size=args.batch_size, budget=Budget(args.budget_hours, args.host_mem_gb, args.gpu_mem_gb),
         quiet=args.quiet, previews=not args.no_previews, on_model_error=args.on_model_error,
+        max_nonfinite=args.max_nonfinite,
     )  # fmt: skip
 
 
@@ -214,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             keep_freed_memory()  # CPU forward passes re-allocate the same activations every batch
         report = pipeline.run(cfg, fresh=args.fresh)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # one line per problem (several bad checkpoints: one line each)
+            print(f"error: {line}", file=sys.stderr)
         return 2
-    except ModelRunError as e:
+    except (ModelRunError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
@@ -228,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_verdicts(report["projection"]))
         print(f"wrote {cfg.out / 'report.json'} (dry run: no submission)")
+        failed = [m["name"] for m in report["models"] if m["status"] == "failed"]
+        if failed:  # a rehearsal that hides a failing model would pass at home and fail at hour 8
+            print(
+                f"error: dry run: {len(failed)} model(s) failed: {', '.join(failed)} (see report.json)",
+                file=sys.stderr,
+            )
+            return 1
     if args.demo:
         for frag_id, f05 in demo_scores(cfg.data, cfg.out, previews=cfg.previews).items():
             print(f"demo: fragment {frag_id} F0.5 = {f05:.3f} against the synthetic ground truth")

@@ -375,7 +375,7 @@ def test_no_model_finishing_exits_1_without_a_submission(data, manifest, tmp_pat
 def test_nan_and_inf_windows_are_counted_zeroed_and_reported(data, manifest, tmp_path, standins, caplog):
     standins["m3d"] = {"nan": True}
     out = tmp_path / "out"
-    assert run_cli(data, out, manifest) == 0
+    assert run_cli(data, out, manifest, "--max-nonfinite", "0.9") == 0  # a third to two thirds of the windows
     rep = report_of(out)
     for frag_id in SHAPES:
         stats = model(rep, "m3d")["fragments"][frag_id]
@@ -385,6 +385,16 @@ def test_nan_and_inf_windows_are_counted_zeroed_and_reported(data, manifest, tmp
         assert model(rep, "m25d")["fragments"][frag_id]["nonfinite_windows"] == 0
     assert any("gave NaN or inf: zeroed" in w for w in rep["warnings"])
     assert "gave NaN or inf" in caplog.text
+    assert_valid_submission(out)
+
+
+def test_nan_windows_beyond_the_limit_skip_the_model(data, manifest, tmp_path, standins):
+    standins["m3d"] = {"nan": True}
+    out = tmp_path / "out"
+    assert run_cli(data, out, manifest) == 0  # default --max-nonfinite 0.01
+    m3d = model(report_of(out), "m3d")
+    assert m3d["status"] == "failed" and "more than --max-nonfinite 0.01" in m3d["reason"]
+    assert not list((out / "partials").glob("m3d.*"))
     assert_valid_submission(out)
 
 
@@ -445,6 +455,7 @@ def test_disk_full_leaves_no_partial_submission(previous, data, manifest, refere
     assert run_cli(data, out, manifest) == 2
     err = one_error_line(capsys)
     assert "submission.csv: cannot write (No space left on device)" in err
+    assert "no finished result could be saved either" in err  # never claims partials that were not saved
     if previous:
         assert (out / "submission.csv").read_bytes() == before
     else:
@@ -455,16 +466,36 @@ def test_disk_full_leaves_no_partial_submission(previous, data, manifest, refere
     assert all(f["partial"].startswith("not saved") for m in rep["models"] for f in m["fragments"].values())
 
 
-def test_disk_full_on_the_final_report_says_so_and_keeps_the_submission(data, manifest, tmp_path, monkeypatch, standins, capsys):  # fmt: skip
+def test_disk_full_on_the_final_report_rewrites_it_in_place_and_keeps_the_submission(data, manifest, tmp_path, monkeypatch, standins, capsys):  # fmt: skip
+    """No room for a second copy of report.json: the old one is truncated and rewritten, so it ends in its final
+    status, never in a stale "running"."""
     out = tmp_path / "out"
     fill_disk(monkeypatch, out, lambda p: p.name == "report.json" and (out / "submission.csv").exists())
+    assert run_cli(data, out, manifest) == 0
+    assert report_of(out)["status"] == "ok"
+    assert_valid_submission(out)
+    assert leftovers(out) == []
+
+
+def test_disk_full_on_the_final_report_with_no_room_at_all_removes_the_stale_one(data, manifest, tmp_path, monkeypatch, standins, capsys):  # fmt: skip
+    from ink_infer import report as report_mod
+
+    out = tmp_path / "out"
+    fill_disk(monkeypatch, out, lambda p: p.name == "report.json" and (out / "submission.csv").exists())
+
+    def no_room(path, *args, **kwargs):  # the in-place rewrite finds no room either
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(
+        report_mod, "open", no_room, raising=False
+    )  # shadows the builtin inside report.py only
     assert run_cli(data, out, manifest) == 2
     assert (
         "report.json: cannot write (No space left on device); submission.csv was written"
         in one_error_line(capsys)
     )
+    assert not (out / "report.json").exists()  # no stale "running" report left behind
     assert_valid_submission(out)
-    assert leftovers(out) == []
 
 
 # --- interruption and resume ----------------------------------------------------------------------------------

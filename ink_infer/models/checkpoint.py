@@ -47,7 +47,7 @@ def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> dict[str, Any
     state, prefix, hparams = _extract_state_dict(obj, path)
     if hparams is not None:
         check_hyper_parameters(hparams, spec, path)
-    _check_keys(model, state, path)
+    _check_keys(state_shapes(model), state, path)
     model.load_state_dict(state, strict=True)
     return {
         "path": str(path),
@@ -58,10 +58,43 @@ def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> dict[str, Any
     }
 
 
-def _safe_load(path: Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers; anything else is refused, never executed."""
+def check_checkpoint(path: Path, spec: ModelSpec, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Open ``path`` as ``load_weights`` will and check it fits the model, without reading its tensors' data.
+
+    ``expected``: the model's ``{key: shape}`` (``state_shapes``). The file is unpickled with ``weights_only=True``
+    and memory-mapped (zip-format files, what ``torch.save`` writes), so only the keys, shapes and
+    ``hyper_parameters`` are read: seconds for 18 checkpoints, and a truncated or mismatched file is refused at the
+    start of a run instead of on its model's turn. Raises ``UserError`` naming the file.
+    """
+    obj = _safe_load(path, mmap=True)
+    state, _, hparams = _extract_state_dict(obj, path)
+    if hparams is not None:
+        check_hyper_parameters(hparams, spec, path)
+    _check_keys(expected, state, path)
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a model's state dict (works on the meta device, where building costs no memory)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _safe_load(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; anything else is refused, never executed.
+
+    ``mmap``: map the file instead of reading it (zip-format files only; older files are read)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read weights ({e.strerror or e})") from None
+    if (
+        magic[:2] != b"PK" and magic[:1] != b"\x80"
+    ):  # torch.save writes a zip archive (or, before 1.6, a pickle)
+        raise UserError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False  # the legacy format cannot be mapped; torch.load reads it (and reports it if it is no torch file)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # weights_only refuses globals (classes, functions) before calling them: the file would have run code.
         # torch's own message advises weights_only=False; we name the offending global instead.
@@ -71,8 +104,9 @@ def _safe_load(path: Path) -> Any:
             f"{path}: refused to unpickle, not plain tensors (weights_only=True): {why}"
         ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, IndexError, KeyError) as e:
-        # torch reports truncated zips and non-torch files as RuntimeError / EOFError / ValueError
-        why = _one_line(e)
+        # torch reports truncated zips and non-torch files as RuntimeError / EOFError / ValueError, and a text
+        # file as KeyError(<its first byte>), which says nothing: name the format instead
+        why = "neither a zip archive nor a pickle" if isinstance(e, KeyError) else _one_line(e)
         raise UserError(
             f"{path}: not a readable torch checkpoint (truncated or wrong file?): {why}"
         ) from None
@@ -110,9 +144,8 @@ def _extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, Tensor], str, d
     return picked, prefix, dict(hparams) if hparams is not None else None
 
 
-def _check_keys(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+def _check_keys(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor], path: Path) -> None:
     """Strict key + shape comparison, reported as one line (torch's own message is many lines)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
