@@ -16,6 +16,7 @@ import tifffile
 import torch
 
 from ink_infer import model_run
+from ink_infer.config import ModelSpec
 from ink_infer.manifest import sha256_file
 from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
 from ink_infer.rle import read_submission
@@ -80,7 +81,7 @@ def checkpoints(tmp_path: Path) -> tuple[Path, dict]:
     weights = tmp_path / "weights"
     m = json.loads(write_manifest(tmp_path / "m0.json", lambda m: None).read_text())
     for e in m["models"]:
-        spec = model_run.ModelSpec(
+        spec = ModelSpec(
             name=e["name"], arch=e["arch"], in_chans=e["in_chans"], z_range=tuple(e["z_range"]), tile=e["tile"],
             crop=e.get("crop"), backbone=e.get("backbone"), num_3d_layer=e.get("num_3d_layer"),
             stage_blocks=tuple(e["stage_blocks"]) if e.get("stage_blocks") else None,
