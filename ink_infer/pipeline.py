@@ -9,10 +9,11 @@ time, while a model-inner loop would hold 18 models and 18 sum maps at once. Mod
 check and resume their natural unit: one model (``model_run.py``); the ensemble and the outputs are
 ``ensemble.py``.
 
-Faults. Everything the user can fix (data, manifest, weights failing their hash, an unwritable ``--out``) is found
-before any compute and is a ``UserError``. A model that fails while running is recorded in report.json and skipped
-(``--on-model-error skip``) or ends the run (``fail``); its results join the ensemble for every fragment or for
-none. Windows with NaN or inf outputs are zeroed, counted and reported. Each finished (model, fragment) result is
+Faults. Everything the user can fix (data, manifest fields, weights failing their hash or not fitting their model,
+a stride wider than a model square, an ``--out`` that is unwritable or too full) is found before any compute and
+is a ``UserError``. A model that fails while running, for what a model can cause (``model_run.MODEL_ERRORS``), is
+recorded in report.json and skipped (``--on-model-error skip``) or ends the run (``fail``); its results join the
+ensemble for every fragment or for none. A bug keeps its traceback; a CUDA error (``DeviceError``) ends the run. Windows with NaN or inf outputs are zeroed, counted and reported. Each finished (model, fragment) result is
 saved under ``OUT/partials`` (``partials.py``), so a rerun resumes where a crash, a full disk or SIGTERM stopped
 it. submission.csv is only ever replaced, atomically, by a complete one: it is absent or valid, never partial.
 """
@@ -34,7 +35,7 @@ from .manifest import Manifest, find_weights, load_manifest, resolve_weights, ve
 from .model_run import RunContext, Weights, expected_state, run_model
 from .models.checkpoint import check_checkpoint
 from .partials import Interrupted, PartialStore, StopRequest, fragment_fingerprint
-from .report import environment, interrupted_at, interrupted_message, verdicts, write_report
+from .report import environment, interrupted_at, interrupted_message, partials_kept, verdicts, write_report
 from .tiling import touched_blocks, tta_ops, window_origins
 from .tuning import cap_gpu_memory
 
@@ -166,10 +167,8 @@ def preflight_weights(manifest: Manifest, cfg: RunConfig) -> dict[str, Weights]:
             ) from None
         try:
             check_checkpoint(path, spec, expected)
-        except UserError as e:
+        except UserError as e:  # unreadable files come here too: _safe_load names them
             bad.append(str(e))
-        except OSError as e:
-            bad.append(f"{path}: cannot read weights ({e.strerror or e})")
     if bad:
         raise UserError("\n".join(bad))  # one line per bad file
     return weights
@@ -237,12 +236,7 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> dict:
             if cfg.dry_run:
                 report["projection"] = verdicts(report["models"], cfg)
             else:
-                kept = sum(
-                    f.get("partial") in ("saved", "reused")
-                    for m in report["models"]
-                    for f in m["fragments"].values()
-                )
-                report["submission"] = finish(states, cfg, threshold, partials_kept=kept)
+                report["submission"] = finish(states, cfg, threshold, partials_kept=partials_kept(report))
         except Interrupted as e:
             report.update(status="interrupted", interrupted=interrupted_at(report, e.signum))
             write_report(cfg.out, report, t0, final=False)

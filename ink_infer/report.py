@@ -73,9 +73,14 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def json_text(data: dict) -> str:
+    """``data`` as the indented JSON every report file holds."""
+    return json.dumps(data, indent=1, default=_jsonable) + "\n"
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` as indented JSON, atomically (the previous file or the new one, never half of one)."""
-    atomic_write_text(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
+    atomic_write_text(path, json_text(data))
 
 
 def write_report(out: Path, report: dict, t0: float, *, final: bool) -> None:
@@ -89,7 +94,7 @@ def write_report(out: Path, report: dict, t0: float, *, final: bool) -> None:
         write_json(out / "report.json", report)
     except OSError as e:
         why = e.strerror or str(e)
-        if _replace_in_place(out / "report.json", json.dumps(report, indent=1, default=_jsonable) + "\n"):
+        if _replace_in_place(out / "report.json", json_text(report)):
             return
         if final:
             done = "submission.csv was written" if "submission" in report else "no submission in a dry run"
@@ -119,13 +124,18 @@ def interrupted_at(report: dict, signum: int) -> dict:
     return {"signal": signal_name(signum), "model": running[-1] if running else None}
 
 
+def partials_kept(report: dict) -> int:
+    """How many (model, fragment) results of this run are in OUT/partials (saved now, or reused from before)."""
+    return sum(
+        f.get("partial") in ("saved", "reused") for m in report["models"] for f in m["fragments"].values()
+    )
+
+
 def interrupted_message(report: dict, out: Path) -> str:
     """The one line an interrupted run ends with: where it stopped, what is kept, how to resume."""
     where = report["interrupted"]
     during = f" during model {where['model']}" if where["model"] else ""
-    kept = sum(
-        f.get("partial") in ("saved", "reused") for m in report["models"] for f in m["fragments"].values()
-    )
+    kept = partials_kept(report)
     return (
         f"interrupted by {where['signal']}{during}: no submission written; {kept} finished (model, fragment) "
         f"result(s) kept in {out / 'partials'}: rerun the same command to resume"

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m ink_infer.submit", description="Vesuvius ink detection: ensemble -> submission.csv"
     )
+
+    def number(option: str, default, help: str, **kwargs) -> None:
+        """A numeric option, parsed and range-checked by its rule in ``schema.CLI_NUMBERS``."""
+        p.add_argument(option, type=cli_type(option), default=default, help=help, **kwargs)
+
     p.add_argument(
         "--data", type=Path, help="/kaggle/input, the competition folder, or a folder of fragment dirs"
     )
@@ -50,59 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("."), help="where submission.csv, report.json, previews/ go"
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument(
-        "--stride", type=cli_type("--stride"), default=32,
-        help="window stride in pixels, a multiple of 32, at most the smallest model square (reference: 32)",
-    )  # fmt: skip
-    p.add_argument("--tta", default="scheduled", choices=["none", "scheduled", "full"])
-    p.add_argument(
-        "--threshold", type=cli_type("--threshold"), default=None,
-        help="quantile in [0, 1] of the region's probabilities (default: the manifest's, 0.93)",
-    )  # fmt: skip
-    p.add_argument("--threshold-region", choices=["covered", "mask"], default=None)
-    p.add_argument(
-        "--batch-size",
-        type=cli_type("--batch-size"),
-        default=None,
-        help="windows per batch (default: automatic)",
+    number(
+        "--stride",
+        32,
+        "window stride in pixels, a multiple of 32, at most the smallest model square (reference: 32)",
     )
+    p.add_argument("--tta", default="scheduled", choices=["none", "scheduled", "full"])
+    number(
+        "--threshold",
+        None,
+        "quantile in [0, 1] of the region's probabilities (default: the manifest's, 0.93)",
+    )
+    p.add_argument("--threshold-region", choices=["covered", "mask"], default=None)
+    number("--batch-size", None, "windows per batch (default: automatic)")
     p.add_argument(
         "--dry-run", action="store_true", help="run a sample of windows per model and project the full run"
     )
-    p.add_argument(
-        "--max-windows",
-        type=cli_type("--max-windows"),
-        default=64,
-        help="windows per fragment and model in a dry run",
-    )
+    number("--max-windows", 64, "windows per fragment and model in a dry run")
     p.add_argument(
         "--scale-to", action="append", default=[], metavar="HxW", help="also project a fragment of this size"
     )
     p.add_argument(
         "--allow-random-weights", action="store_true", help="run entries without weights with random init"
     )
-    p.add_argument(
-        "--budget-hours", type=cli_type("--budget-hours"), default=9.0, help="time budget of the run"
-    )
-    p.add_argument(
-        "--host-mem-gb",
-        type=cli_type("--host-mem-gb"),
-        default=13.0,
-        help="host memory budget (dry-run verdict)",
-    )
-    p.add_argument(
-        "--gpu-mem-gb", type=cli_type("--gpu-mem-gb"), default=16.0, help="GPU memory the run is held to"
-    )
+    number("--budget-hours", 9.0, "time budget of the run")
+    number("--host-mem-gb", 13.0, "host memory budget (dry-run verdict)")
+    number("--gpu-mem-gb", 16.0, "GPU memory the run is held to")
     p.add_argument(
         "--on-model-error",
         choices=["skip", "fail"],
         default="skip",
         help="a model failing mid-run is skipped (recorded in report.json) or ends the run",
     )
-    p.add_argument(
-        "--max-nonfinite", type=cli_type("--max-nonfinite"), default=0.01, metavar="FRACTION",
-        help="windows of a fragment that may give NaN/inf (zeroed, counted) before the model counts as failed",
-    )  # fmt: skip
+    number(
+        "--max-nonfinite",
+        0.01,
+        "windows of a fragment that may give NaN/inf (zeroed, counted) before the model counts as failed",
+        metavar="FRACTION",
+    )
     p.add_argument(
         "--fresh", action="store_true", help="recompute everything, ignoring results saved in OUT/partials"
     )
