@@ -66,9 +66,9 @@ from ink_infer.models import build_model, normalize_windows
 from ink_infer.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, hyper_parameters_for, save_checkpoint
 from ink_infer.models.csn3d import InkDetCSN3D
 from ink_infer.models.inkdet25d import InkDet25D
+from ink_infer.runtime import keep_freed_memory
 from ink_infer.stitch import upsample_probs
 from ink_infer.tiling import coverage_blocks, reference_order, touched_blocks
-from ink_infer.tuning import keep_freed_memory
 
 log = logging.getLogger("train")
 

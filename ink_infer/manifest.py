@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .config import N_SLICES, WIDTH_ARCH, ModelSpec, ThresholdSpec
 from .errors import UserError
 from .schema import MODEL_FIELDS, NULLABLE_MODEL_KEYS, THRESHOLD_FIELDS, Invalid, check_field
@@ -242,9 +243,7 @@ def hash_weights(manifest_path: Path, weights_dir: Path) -> tuple[list[str], lis
         e["size"] = path.stat().st_size
         e["sha256"] = sha256_file(path)
         hashed.append(e["name"])
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(raw, indent=1) + "\n")
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(raw, indent=1) + "\n")
     return hashed, missing
 
 

@@ -19,9 +19,10 @@ from .errors import DeviceError, ModelRunError, UserError
 from .fragments import open_volume
 from .models import build_model
 from .models.checkpoint import load_weights, state_shapes
-from .partials import Interrupted, PartialStore, StopRequest
+from .partials import PartialStore
 from .predict import PredictStats, predict_fragment
 from .report import gpu_peaks_gib, host_peak_gib, project, stats_entry
+from .stop import Interrupted, StopRequest
 from .tiling import spread_sample
 from .tuning import tune
 

@@ -1,4 +1,4 @@
-"""Interruption and resume: what a run that stops early leaves behind, and how the next run picks it up.
+"""Resume: what a run that stops early leaves behind, and how the next run picks it up.
 
 Partials. Each (model, fragment) result, the stitched sum map of ``predict_fragment``, is saved under
 ``OUT/partials`` as soon as it is finished, atomically (temporary file, fsync, ``os.replace``), so a file there is
@@ -12,9 +12,6 @@ Only the 32 x 32 blocks that some window covers are stored (``finalize`` ignores
 at most 4 bytes per pixel of the fragment per model, in an uncompressed ``.npz`` read back with
 ``allow_pickle=False`` (nothing in it is unpickled). Compressing the sum map gained little (its float mantissas are
 noise to zlib) and cost seconds per map.
-
-Stop requests. SIGTERM and SIGINT set a flag that ``StopRequest.check()`` turns into ``Interrupted`` at the next
-safe point (the pipeline checks between batches, fragments and models); a second signal interrupts at once.
 """
 
 from __future__ import annotations
@@ -23,17 +20,15 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import signal
-import threading
 import zipfile
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
 
+from .atomic import atomic_write
 from .config import BLOCK, ModelSpec
+from .tiling import blocks_of, image_of
 
 log = logging.getLogger(__name__)
 
@@ -41,60 +36,6 @@ log = logging.getLogger(__name__)
 # results of the earlier rule and are never reused
 PARTIAL_FORMAT = 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class Interrupted(Exception):
-    """The run was asked to stop (SIGTERM / SIGINT); ``signum`` gives the exit code ``128 + signum``."""
-
-    def __init__(self, signum: int, message: str | None = None) -> None:
-        self.signum = signum
-        super().__init__(message or f"interrupted by {signal_name(signum)}")
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-class StopRequest:
-    """A context manager holding the SIGTERM / SIGINT handlers for the length of a run.
-
-    The handlers only set a flag: the run stops where ``check()`` is called, so no file is half-written by the
-    signal itself. Outside the main thread (where Python cannot install handlers) it only offers ``check()``.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            # None: the previous handler was not installed from Python; the default is the closest we can restore
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            raise Interrupted(signum)  # asked twice: the user does not want to wait for the batch
-        self.signum = signum
-        log.warning(
-            "%s: stopping after the current batch (send it again to stop at once)", signal_name(signum)
-        )
-
-    def check(self) -> None:
-        """Raise ``Interrupted`` if a stop was requested."""
-        if self.signum is not None:
-            raise Interrupted(self.signum)
 
 
 def fragment_fingerprint(frag_id: str, path: Path, shape: tuple[int, int], mask: np.ndarray) -> dict:
@@ -179,7 +120,7 @@ class PartialStore:
         shape = (int(covered.sum()), BLOCK, BLOCK)
         if not np.array_equal(saved_covered, covered) or values.dtype != np.float32 or values.shape != shape:
             return None, None, "does not match the fragment's windows"
-        return _from_blocks(values, covered), meta.get("stats", {}), None
+        return image_of(values, covered), meta.get("stats", {}), None
 
     def save(
         self,
@@ -196,34 +137,14 @@ class PartialStore:
         A partial is an optimisation: failing to write one (a full disk) is logged and the run goes on."""
         digest, key = partial_key(spec, weights=weights, fragment=fragment, **self._run)
         path = self.path(spec.name, fragment["id"])
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         meta = {"model": spec.name, "fragment": fragment["id"], "digest": digest, "key": key, "stats": stats}
+        values = blocks_of(sum_map, covered).astype(np.float32, copy=False)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f, meta=np.array(json.dumps(meta)), covered=covered, values=_to_blocks(sum_map, covered)
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(
+                path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), covered=covered, values=values)
+            )
         except OSError as e:
             log.warning("%s: partial not saved (%s); the run goes on without it", path, e.strerror or e)
             return f"not saved ({e.strerror or e})"
-        finally:
-            tmp.unlink(missing_ok=True)
         return None
-
-
-def _to_blocks(sum_map: np.ndarray, covered: np.ndarray) -> np.ndarray:
-    """``(gh*32, gw*32)`` -> ``(n covered, 32, 32)`` float32, the covered blocks in row-major block order."""
-    gh, gw = covered.shape
-    return sum_map.reshape(gh, BLOCK, gw, BLOCK).transpose(0, 2, 1, 3)[covered].astype(np.float32, copy=False)
-
-
-def _from_blocks(values: np.ndarray, covered: np.ndarray) -> np.ndarray:
-    """Inverse of ``_to_blocks``, zeros in the blocks no window covers."""
-    gh, gw = covered.shape
-    blocks = np.zeros((gh, gw, BLOCK, BLOCK), dtype=np.float32)
-    blocks[covered] = values
-    return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3).reshape(gh * BLOCK, gw * BLOCK))

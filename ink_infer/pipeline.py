@@ -34,10 +34,11 @@ from .fragments import Fragment, find_fragments, load_mask, open_volume
 from .manifest import Manifest, find_weights, load_manifest, resolve_weights, verify_file
 from .model_run import RunContext, Weights, expected_state, run_model
 from .models.checkpoint import check_checkpoint
-from .partials import Interrupted, PartialStore, StopRequest, fragment_fingerprint
+from .partials import PartialStore, fragment_fingerprint
 from .report import environment, interrupted_at, interrupted_message, partials_kept, verdicts, write_report
+from .runtime import cap_gpu_memory
+from .stop import Interrupted, StopRequest
 from .tiling import touched_blocks, tta_ops, window_origins
-from .tuning import cap_gpu_memory
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import cv2
 import numpy as np
 import torch
 
+from .atomic import atomic_write_bytes, atomic_write_text
 from .config import BLOCK, RunConfig
 from .errors import UserError
-from .partials import signal_name
-from .rle import atomic_write_text
+from .stop import signal_name
 
 log = logging.getLogger(__name__)
 
@@ -284,11 +284,8 @@ def write_truth_preview(path: Path, ink: np.ndarray, truth: np.ndarray, mask: np
 
 
 def _write_png(path: Path, img: np.ndarray) -> None:
-    """Write atomically: a full disk leaves no half-written image behind."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        if not cv2.imwrite(str(tmp), img):
-            raise OSError(f"{path}: could not write preview")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Encode in memory, write atomically: a full disk leaves no half-written image behind."""
+    ok, data = cv2.imencode(".png", img)
+    if not ok:
+        raise OSError(f"{path}: could not encode preview")
+    atomic_write_bytes(path, data.tobytes())

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write_text
 
 
 def rle_encode(mask: np.ndarray) -> str:
@@ -42,7 +43,7 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def write_submission(rows: Sequence[tuple[str, str]], path: Path) -> None:
-    """Write ``Id,Predicted`` rows to ``path`` atomically: a temp file in the same folder, fsync, then rename.
+    """Write ``Id,Predicted`` rows to ``path`` atomically (``atomic.py``).
 
     A reader never sees a half-written file: either the old one (or none) or the complete new one.
     """
@@ -51,20 +52,6 @@ def write_submission(rows: Sequence[tuple[str, str]], path: Path) -> None:
     writer.writerow(["Id", "Predicted"])
     writer.writerows(rows)
     atomic_write_text(Path(path), buf.getvalue())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text via a temp file and ``os.replace``; the temp file is removed if anything fails."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_submission(path: Path) -> list[tuple[str, str]]:

@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
     )
     from . import pipeline  # torch and timm load here, after the arguments are known to be well-formed
-    from .partials import Interrupted
-    from .tuning import keep_freed_memory
+    from .runtime import keep_freed_memory
+    from .stop import Interrupted
 
     try:
         cfg = config_from_args(args)

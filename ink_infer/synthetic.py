@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from .atomic import atomic_write_bytes
 from .config import N_SLICES
 from .errors import UserError
 from .synthetic_maps import CHUNK_PIXELS, FragmentMaps, make_maps
@@ -197,8 +198,10 @@ def _write_png(path: Path, image: np.ndarray, *, binary: bool = True) -> None:
     """Write an (H, W) uint8 image as a greyscale PNG; a ``binary`` 0/1 map is written as 0/255."""
     if binary:
         image = (image > 0).view(np.uint8) * np.uint8(255)
-    if not cv2.imwrite(str(path), image):
-        raise UserError(f"{path}: could not write PNG")
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise UserError(f"{path}: could not encode PNG")
+    atomic_write_bytes(path, data.tobytes())
 
 
 def _check_size(height: int, width: int) -> None:

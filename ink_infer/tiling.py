@@ -149,3 +149,20 @@ def spread_sample(n: int, k: int) -> np.ndarray:
     if k >= n:
         return np.arange(n, dtype=np.int64)
     return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+def blocks_of(image: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``(gh*32, gw*32, ...)`` image -> ``(n kept, 32, 32, ...)`` of its dtype: the blocks where ``keep`` is True,
+    in row-major block order (the reference's patch layout)."""
+    gh, gw = keep.shape
+    rest = image.shape[2:]
+    return image.reshape(gh, BLOCK, gw, BLOCK, *rest).swapaxes(1, 2)[keep]
+
+
+def image_of(blocks: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Inverse of ``blocks_of``: the ``(gh*32, gw*32, ...)`` image, zeros in the blocks not kept."""
+    gh, gw = keep.shape
+    rest = blocks.shape[3:]
+    out = np.zeros((gh, gw, BLOCK, BLOCK, *rest), dtype=blocks.dtype)
+    out[keep] = blocks
+    return np.ascontiguousarray(out.swapaxes(1, 2).reshape(gh * BLOCK, gw * BLOCK, *rest))

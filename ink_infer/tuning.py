@@ -1,13 +1,11 @@
 """Per-model device tuning before a run: batch size from a measured memory footprint, channels_last only where
 measured faster, and the time per window that the budget check projects from.
 
-Only on CUDA; on the CPU the batch size is fixed (small batches are as fast there) and nothing is probed. For CPU
-runs (and training), ``keep_freed_memory`` stops glibc from returning big freed blocks to the OS between batches.
+Only on CUDA; on the CPU the batch size is fixed (small batches are as fast there) and nothing is probed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -42,22 +40,6 @@ class Tuning:
             "ms_per_window_probe": None if self.s_per_window is None else self.s_per_window * 1000,
             "mib_per_window": None if self.bytes_per_window is None else self.bytes_per_window / 2**20,
         }
-
-
-def cap_gpu_memory(device: torch.device, gpu_mem_gb: float) -> float | None:
-    """Hold this process to the GPU budget on a bigger card, so a rehearsal on it behaves as on Kaggle's 16 GB:
-    going over raises OutOfMemoryError (and the batch is halved) instead of silently using more. Returns the
-    fraction set, or None where the card is no bigger than the budget or there is no CUDA."""
-    if device.type != "cuda":
-        return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    fraction = gpu_mem_gb * GIB / total
-    if fraction >= 1.0:
-        return None
-    torch.cuda.set_per_process_memory_fraction(
-        fraction, device.index if device.index is not None else torch.cuda.current_device()
-    )
-    return fraction
 
 
 def tune(
@@ -139,25 +121,3 @@ def _pick_memory_format(
         return True, fast
     encoder.to(memory_format=torch.contiguous_format)
     return False, base
-
-
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-KEEP_FREED_BYTES = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve big allocations from the heap and keep what is freed, for reuse by the next step.
-
-    A training step, or a CPU forward pass, frees and re-allocates the same activation sizes every time; by default
-    each one above glibc's mmap threshold is a fresh mapping whose pages all fault on first touch. Process-wide,
-    so the CLIs call it (train.py always, submit on the CPU). Measured on 2 cores: irCSN demo training 28 -> 18 s
-    per 50 steps (peak RSS 1.49 -> 1.81 GB, identical losses); the demo's irCSN inference 17.5 -> 7.9 ms/window
-    (RSS 1.04 -> 1.22 GB). Returns False (and changes nothing) where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP_FREED_BYTES))
-    return bool(ok and mallopt(M_TRIM_THRESHOLD, ctypes.c_int(KEEP_FREED_BYTES)))

@@ -34,8 +34,8 @@ from ink_infer import model_run
 from ink_infer.config import ModelSpec
 from ink_infer.manifest import sha256_file
 from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
-from ink_infer.partials import Interrupted, StopRequest
 from ink_infer.rle import read_submission, rle_decode
+from ink_infer.stop import Interrupted, StopRequest
 from ink_infer.submit import main
 from ink_infer.synthetic import write_dataset
 from tests.standins import PooledInputModel

@@ -299,7 +299,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_big_step_allocations(tmp_pat
 
     code = (
         f"import resource, sys, torch; sys.path.insert(0, {str(ROOT)!r})\n"
-        "from ink_infer.tuning import keep_freed_memory\n"
+        "from ink_infer.runtime import keep_freed_memory\n"
         "ok = keep_freed_memory() if sys.argv[1] == 'keep' else True\n"
         "for _ in range(3): torch.empty(64 << 20, dtype=torch.uint8).fill_(1)\n"  # first touches fault either way
         "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"

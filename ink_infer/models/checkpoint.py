@@ -12,7 +12,6 @@ Files are size + sha256 checked against the manifest before anything is unpickle
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import zipfile
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_torch_save
 from ..config import N_SLICES, WIDTH_ARCH, WIDTH_DEFAULTS, ModelSpec
 from ..errors import UserError
 from ..manifest import verify_file
@@ -262,11 +262,7 @@ def save_checkpoint(
         for k, v in source.state_dict().items():
             state[prefix + k] = v.detach().to("cpu", copy=True)
     payload = {"state_dict": state, "hyper_parameters": _plain(dict(hyper_parameters))}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, Path(path))
 
 
 def _plain(value: Any, *, strict: bool = True) -> Any:

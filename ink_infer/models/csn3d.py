@@ -159,10 +159,18 @@ class InkDetCSN3D(nn.Module):
             nn.Conv2d(head_dim, 1, 1),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_pooled(self, x: Tensor) -> Tensor:
+        """``(B, n_slices, H, W) -> (B, C, H/32, W/32)``: the backbone over the slices as depth, depth max-pooled."""
         # the slices become the depth axis of a one-channel volume: (B, 1, D, H, W)
         feat = self.backbone(x.unsqueeze(1))
-        return self.head(torch.amax(feat, dim=2))  # the reference pools depth by max only
+        return torch.amax(feat, dim=2)  # the reference pools depth by max only
+
+    def forward_head(self, pooled: Tensor) -> Tensor:
+        """``(B, C, h, w) -> (B, 1, h, w)`` logits."""
+        return self.head(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_pooled(x))
 
 
 def from_spec(spec: ModelSpec) -> InkDetCSN3D:

@@ -124,10 +124,17 @@ class InkDet25D(nn.Module):
         _, c, fh, fw = feat.shape
         return feat.reshape(bs, self.groups, c, fh, fw).transpose(1, 2)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_pooled(self, x: Tensor) -> Tensor:
+        """``(B, n_slices, H, W) -> (B, 2 * dim, H/32, W/32)``: the 3D convs, then depth pooled by mean and max."""
         feat = self.conv3d(self.forward_features(x))
-        pooled = torch.cat([feat.mean(2), feat.amax(2)], dim=1)
+        return torch.cat([feat.mean(2), feat.amax(2)], dim=1)
+
+    def forward_head(self, pooled: Tensor) -> Tensor:
+        """``(B, 2 * dim, h, w) -> (B, 1, h, w)`` logits (training mixes features between the two halves)."""
         return self.head(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_pooled(x))
 
 
 def from_spec(spec: ModelSpec) -> InkDet25D:
