@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from ink_infer.fragments import Fragment
 from ink_infer.manifest import load_manifest, sha256_file
 from ink_infer.models import build_model, normalize_windows
-from ink_infer.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, load_weights
+from ink_infer.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, load_weights, strip_prefix
 from ink_infer.stitch import SumMap, finalize, upsample_probs
 from ink_infer.synthetic import write_dataset
 
@@ -24,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # train.py sits beside the package, not in it
     sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from training import augment, objective, validate  # noqa: E402
+from training import data as training_data  # noqa: E402
+from training import state as training_state  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -70,7 +74,7 @@ def window_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> flo
     torch.manual_seed(0)
     with torch.no_grad():
         logits = model.train()(normalize_windows(x))
-    return float(train.criterion(logits, train.downsample_labels(y)))
+    return float(objective.criterion(logits, objective.downsample_labels(y)))
 
 
 def test_loss_falls_and_checkpoints_load(data: Path, manifest: Path, tmp_path: Path, capsys) -> None:
@@ -93,14 +97,14 @@ def test_loss_falls_and_checkpoints_load(data: Path, manifest: Path, tmp_path: P
     # the loss on the training windows, before (the same seeded initial weights) and after training
     probe = train.build_parser().parse_args([*argv, "--out", str(tmp_path / "probe")])
     spec, train_data, initial, _ = train.prepare(probe)
-    stores = train.build_stores(train_data, spec, shift_z=0, cache_gb=1.0, cache_dir=tmp_path)
-    items = [(r, train.region_origins(r, train_data.masks[r.frag])) for r in train_data.train]
-    windows = train.WindowDataset(stores, items, spec, augment=False, shift_z=0, seed=0)
+    stores = training_data.build_stores(train_data, spec, shift_z=0, cache_gb=1.0, cache_dir=tmp_path)
+    items = [(r, training_data.region_origins(r, train_data.masks[r.frag])) for r in train_data.train]
+    windows = training_data.WindowDataset(stores, items, spec, augment=False, shift_z=0, seed=0)
     x, y = (torch.stack(v) for v in zip(*(windows[i] for i in range(len(windows))), strict=True))
     train_data.close()
     trained = build_model(spec)
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
-    trained.load_state_dict(train.strip_prefix(state, MODEL_PREFIX))
+    trained.load_state_dict(strip_prefix(state, MODEL_PREFIX))
     assert window_loss(trained, x, y) < window_loss(initial, x, y) - 0.05
     # the team's layout, loaded by ink_infer unchanged (strict keys and shapes, EMA copy preferred)
     best = tmp_path / "best_fbeta.ckpt"
@@ -160,12 +164,12 @@ def test_resume_restores_state_and_continues_exactly(data: Path, manifest: Path,
     )
     spec, resume_data, model, device = train.prepare(args)
     resume_data.close()
-    tr = train.make_trainer(model, spec, args, device=device, total=4)
-    train.load_last(tr, saved)
+    tr = training_state.make_trainer(model, spec, args, device=device, total=4)
+    training_state.load_last(tr, saved)
     ckpt = torch.load(saved, weights_only=True)
     assert (tr.epoch, tr.step) == (1, 2)
-    assert_same(train.strip_prefix(ckpt["state_dict"], EMA_PREFIX), tr.ema.module.state_dict())
-    assert_same(train.strip_prefix(ckpt["state_dict"], MODEL_PREFIX), tr.model.state_dict())
+    assert_same(strip_prefix(ckpt["state_dict"], EMA_PREFIX), tr.ema.module.state_dict())
+    assert_same(strip_prefix(ckpt["state_dict"], MODEL_PREFIX), tr.model.state_dict())
     assert_same(ckpt["optimizer_states"][0], tr.optimizer.state_dict())
     assert_same(ckpt["lr_schedulers"][0], tr.scheduler.state_dict())
     assert torch.equal(ckpt["train_state"]["rng_torch"], torch.get_rng_state())
@@ -179,8 +183,8 @@ def test_resume_restores_state_and_continues_exactly(data: Path, manifest: Path,
 def test_validation_stitches_as_inference(data: Path, manifest: Path, tmp_path: Path) -> None:
     argv = ["--data", str(data), "--manifest", str(manifest), "--config", "t3d", "--out", str(tmp_path)]
     spec, train_data, _, _ = train.prepare(train.build_parser().parse_args(argv))
-    stores = train.build_stores(train_data, spec, shift_z=0, cache_gb=1.0, cache_dir=tmp_path)
-    (part,) = train.make_valid_parts(
+    stores = training_data.build_stores(train_data, spec, shift_z=0, cache_gb=1.0, cache_dir=tmp_path)
+    (part,) = validate.make_valid_parts(
         stores, train_data.masks, train_data.valid, spec, scale=1, max_windows=999
     )
     logits = torch.randn(len(part.origins), 1, spec.side // 32, spec.side // 32)
@@ -192,24 +196,24 @@ def test_validation_stitches_as_inference(data: Path, manifest: Path, tmp_path: 
         part.origins[:, 1] * 32 + spec.offset,
     )
     expected = finalize(acc.to_numpy(), part.count, np.ones(acc.shape, bool))
-    np.testing.assert_allclose(train.stitch(logits, part, spec, scale=1), expected, atol=1e-6)
+    np.testing.assert_allclose(validate.stitch(logits, part, spec, scale=1), expected, atol=1e-6)
     # the default 1/4 map: nearly the mean of the full-resolution one over 4 x 4 pixels
-    (part4,) = train.make_valid_parts(
+    (part4,) = validate.make_valid_parts(
         stores, train_data.masks, train_data.valid, spec, scale=4, max_windows=999
     )
-    coarse = train.stitch(logits, part4, spec, scale=4)
+    coarse = validate.stitch(logits, part4, spec, scale=4)
     pooled = expected.reshape(coarse.shape[0], 4, coarse.shape[1], 4).mean(axis=(1, 3))
     np.testing.assert_allclose(coarse, pooled, atol=0.05)
     train_data.close()
 
 
 def test_augment_keeps_volume_and_labels_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train, "BLUR_NOISE_P", 0.0)  # intensity changes would blur the comparison
-    monkeypatch.setattr(train, "BC_P", 0.0)
+    monkeypatch.setattr(augment, "BLUR_NOISE_P", 0.0)  # intensity changes would blur the comparison
+    monkeypatch.setattr(augment, "BC_P", 0.0)
     rng = np.random.default_rng(0)
     label = (cv2.GaussianBlur(rng.random((128, 128)).astype(np.float32), (0, 0), 6) > 0.5).astype(np.float32)
     for seed in range(12):
-        vol, lab = train.augment(np.stack([label] * 3), label.copy(), np.random.default_rng(seed))
+        vol, lab = augment.augment(np.stack([label] * 3), label.copy(), np.random.default_rng(seed))
         assert vol.shape == (3, 128, 128) and lab.shape == (128, 128) and vol.dtype == np.float32
         agree = np.mean((vol > 0.5) == (lab > 0.5), axis=(1, 2))
         assert (agree > 0.97).all(), (seed, agree)
@@ -218,17 +222,19 @@ def test_augment_keeps_volume_and_labels_aligned(monkeypatch: pytest.MonkeyPatch
 def test_label_targets_at_one_32nd() -> None:
     lab = torch.zeros(1, 64, 64)
     lab[0, 30:34] = 1.0  # a thin stroke between the sample points of align_corners=True (rows 0 and 63)
-    assert torch.equal(train.downsample_labels(lab), torch.zeros(1, 1, 2, 2))
-    torch.testing.assert_close(train.downsample_labels(lab, mode="area"), torch.full((1, 1, 2, 2), 2 / 32))
+    assert torch.equal(objective.downsample_labels(lab), torch.zeros(1, 1, 2, 2))
+    torch.testing.assert_close(
+        objective.downsample_labels(lab, mode="area"), torch.full((1, 1, 2, 2), 2 / 32)
+    )
     lab[0, 60:] = 1.0
-    assert train.downsample_labels(lab)[0, 0, 1].tolist() == [1.0, 1.0]
+    assert objective.downsample_labels(lab)[0, 0, 1].tolist() == [1.0, 1.0]
 
 
 def test_features_and_head_compose_to_the_model(manifest: Path) -> None:
     for name in ("t25d", "t3d"):
         spec = spec_of(manifest, name, "x.pt")
         model = build_model(spec)
-        features, head = train.split_forward(model)
+        features, head = training_state.split_forward(model)
         x = torch.randn(2, spec.n_slices, spec.side, spec.side)
         with torch.inference_mode():
             torch.testing.assert_close(head(features(x)), model(x))
@@ -238,17 +244,17 @@ def test_folds_follow_the_reference() -> None:
     mask = np.zeros((320, 64), bool)
     mask[:64] = True  # dense top, sparse bottom: equal-area parts are not equal-height parts
     mask[64:, :16] = True
-    edges = train.split_rows(mask, 3)
+    edges = training_data.split_rows(mask, 3)
     areas = [mask[a * 32 : b * 32].sum() for a, b in zip(edges, edges[1:], strict=False)]
     assert edges[0] == 0 and edges[-1] == 10 and max(areas) - min(areas) <= 2 * 32 * 64
-    frags = [train.Fragment(i, Path(i)) for i in ("1", "2", "3")]
-    regions = train.make_regions(frags, [np.ones((96, 64), bool), mask, np.ones((64, 64), bool)])
+    frags = [Fragment(i, Path(i)) for i in ("1", "2", "3")]
+    regions = training_data.make_regions(frags, [np.ones((96, 64), bool), mask, np.ones((64, 64), bool)])
     ids = lambda rs: [r.id for r in rs]  # noqa: E731
-    t0, v0 = train.choose_fold(regions, 0, None)
-    t1, v1 = train.choose_fold(regions, 1, None)
+    t0, v0 = training_data.choose_fold(regions, 0, None)
+    t1, v1 = training_data.choose_fold(regions, 1, None)
     assert (ids(t0), ids(v0)) == (["2a", "2b", "2c", "3"], ["1"])
     assert (ids(t1), ids(v1)) == (["1", "2b", "2c", "3"], ["2a"])
-    assert ids(train.choose_fold(regions, 0, "2,3")[1]) == ["2a", "2b", "2c", "3"]
+    assert ids(training_data.choose_fold(regions, 0, "2,3")[1]) == ["2a", "2b", "2c", "3"]
 
 
 def corrupt(comp: Path, out: Path, case: str) -> None:

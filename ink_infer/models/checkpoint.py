@@ -118,6 +118,11 @@ def _one_line(e: BaseException) -> str:
     return lines[0].split(". ")[0][:200]
 
 
+def strip_prefix(state: Mapping[Any, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``state`` whose keys start with ``prefix``, the prefix cut off (``model.x`` -> ``x``)."""
+    return {k[len(prefix) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+
+
 def _extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, Tensor], str, dict[str, Any] | None]:
     """(bare state dict, prefix it was taken from, hyper_parameters or None)."""
     if not isinstance(obj, Mapping):
@@ -131,9 +136,7 @@ def _extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, Tensor], str, d
     if not isinstance(state, Mapping):
         raise UserError(f"{path}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
     for prefix in (EMA_PREFIX, MODEL_PREFIX):
-        picked = {
-            k[len(prefix) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)
-        }
+        picked = strip_prefix(state, prefix)
         if picked:
             break
     else:
