@@ -27,7 +27,7 @@ from ink_infer.config import Budget, RunConfig  # noqa: E402
 from ink_infer.manifest import load_manifest  # noqa: E402
 from ink_infer.models import build_model  # noqa: E402
 from ink_infer.pipeline import run  # noqa: E402
-from ink_infer.report import format_table  # noqa: E402
+from ink_infer.summary import format_table  # noqa: E402
 from ink_infer.synthetic import write_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def main() -> None:
         budget=Budget(hours=args.minutes / 60, safety_margin=0.0),
     )  # fmt: skip
     t_run = time.perf_counter()
-    report = run(cfg, fresh=True)  # measure, never reuse partials of an earlier run
+    report = run(cfg, fresh=True).as_dict()  # measure, never reuse partials of an earlier run
     run_s = time.perf_counter() - t_run
     summarize(report, flops, peak_flops(device), run_s, args.out)
 

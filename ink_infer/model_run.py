@@ -1,5 +1,6 @@
-"""One model over every fragment: partials reused, the rest computed (build, load, tune, stream, free), results
-checked, saved and handed to the ensemble; the budget check and the per-model fault policy.
+"""One model over every fragment: its units' partials reused, the rest computed (build, load, tune, stream, free),
+each unit's result checked and saved; the budget check and the per-model fault policy. Returns a ``ModelRun``: the
+model's typed result and, when it finished everywhere, its sum maps for the ensemble.
 """
 
 from __future__ import annotations
@@ -7,32 +8,67 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import ModelSpec, RunConfig
-from .ensemble import FragmentState, add_to_ensemble, model_count
+from .budget import BudgetSkip, EtaMonitor
+from .config import ModelSpec
 from .errors import DeviceError, ModelRunError, UserError
 from .fragments import open_volume
 from .models import build_model
 from .models.checkpoint import load_weights, state_shapes
 from .partials import PartialStore
+from .plan import RANDOM_SEED, FragmentPlan, Unit, Weights
 from .predict import PredictStats, predict_fragment
-from .report import gpu_peaks_gib, host_peak_gib, project, stats_entry
+from .results import PARTIAL_REUSED, PARTIAL_SAVED, FragmentResult, ModelResult
+from .runtime import Runtime, gpu_peaks_gib, host_peak_gib
 from .stop import Interrupted, StopRequest
 from .tiling import spread_sample
 from .tuning import tune
 
 log = logging.getLogger(__name__)
 
-RANDOM_SEED = 0  # random-init rehearsals are reproducible, and their partials can be keyed by it
 # What a model may be skipped for: what a model can cause. Its forward failing (``GuardedModel`` turns that into a
 # ModelRunError), its weights going bad mid-run, non-finite outputs beyond ``--max-nonfinite``, and out of memory
 # after the batch was halved. Anything else is a bug in ink_infer: it keeps its traceback and ends the run.
 MODEL_ERRORS = (ModelRunError, torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class ModelRunOptions:
+    """What running one model needs to know of the run's options."""
+
+    tta: str = "scheduled"
+    dry_run: bool = False
+    max_windows: int = 64  # dry run: windows per fragment
+    batch_size: int | None = None  # None: chosen from the device
+    gpu_mem_gb: float = 16.0
+    max_nonfinite: float = 0.01
+    on_model_error: str = "skip"  # skip | fail
+    fresh: bool = False  # --fresh: partials are written but never read
+    quiet: bool = True
+
+
+@dataclass
+class ModelRun:
+    """What ``run_model`` hands back: the model's result and, when it is ``ok`` in a full run, its sum maps by
+    fragment id (``(ch*32, cw*32)`` float32, for the ensemble; all fragments or none)."""
+
+    result: ModelResult
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class RunEnded(Exception):
+    """The run ends during this model (a stop request, data gone bad, a device failure, ``--on-model-error
+    fail``): ``result`` is what the model did until then, ``cause`` what ended it (re-raised by the pipeline)."""
+
+    def __init__(self, result: ModelResult, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.result, self.cause = result, cause
 
 
 def cuda_poisoned(e: BaseException) -> bool:
@@ -62,35 +98,6 @@ class GuardedModel(torch.nn.Module):
             raise ModelRunError(first) from e
 
 
-class BudgetSkip(Exception):
-    """A model's projected end passes the time budget: it is skipped."""
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A model's weight file, checked against the manifest at the start (None: random init, when allowed)."""
-
-    path: Path | None
-    sha256: str | None
-
-    @property
-    def identity(self) -> str:
-        return f"sha256:{self.sha256}" if self.path is not None else f"random:seed={RANDOM_SEED}"
-
-
-@dataclass
-class RunContext:
-    """What every model of one run shares: where it computes, until when, the stop flag, the partials."""
-
-    device: torch.device
-    dtype: torch.dtype
-    deadline: float
-    stop: StopRequest
-    store: PartialStore | None  # None in a dry run: sampled windows are no result to keep
-    fresh: bool  # --fresh: partials are written but never read
-    partials: dict  # report["partials"]: reused and ignored (model, fragment) pairs
-
-
 def expected_state(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """The model's ``{key: shape}``, built on the meta device (no memory, ~0.2 s for a reference config)."""
     with torch.device("meta"):
@@ -99,212 +106,219 @@ def expected_state(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 def load_model(
     spec: ModelSpec, path: Path | None, *, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.nn.Module, dict]:
-    """Build on CPU, load weights strictly (or seeded random init), move to the device in the run's dtype."""
+) -> tuple[torch.nn.Module, dict | None]:
+    """Build on CPU, load weights strictly (or seeded random init), move to the device in the run's dtype.
+
+    Returns the model and what ``load_weights`` found (None for random init)."""
     torch.manual_seed(RANDOM_SEED)
     model = build_model(spec)
-    info = {"random_weights": path is None}
-    if path is not None:
-        info.update(load_weights(model, path, spec))
-    # the reference ran the whole model in float16 on CUDA (weights, BN included) and float32 on CPU
+    info = load_weights(model, path, spec) if path is not None else None
     return model.to(device=device, dtype=dtype).eval(), info
+
+
+def fragment_result(stats: PredictStats) -> FragmentResult:
+    per_window = stats.seconds / stats.windows if stats.windows else None
+    return FragmentResult(
+        windows=stats.windows, seconds=stats.seconds, ms_per_window=per_window * 1000 if per_window else None,
+        wait_read_s=stats.wait_read_s, nonfinite_windows=stats.nonfinite_windows, batch_size=stats.batch_size,
+        first_batch_s=stats.first_batch_s, oom_retries=stats.oom_retries,
+    )  # fmt: skip
 
 
 def run_model(
     spec: ModelSpec,
     weights: Weights,
-    states: list[FragmentState],
-    cfg: RunConfig,
-    ctx: RunContext,
-    entry: dict,
-) -> None:
-    """One model over every fragment, filling its report ``entry``: partials reused, the rest computed (build,
-    load, tune, run, free), then all of its maps added to the ensemble. A model that would end past the budget is
-    skipped; a failing one is recorded and skipped (or ends the run, with ``--on-model-error fail``)."""
-    entry.update(random_weights=weights.path is None, sha256=weights.sha256)
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
+    plans: Sequence[FragmentPlan],
+    options: ModelRunOptions,
+    runtime: Runtime,
+    *,
+    stop: StopRequest,
+    eta: EtaMonitor | None = None,
+    store: PartialStore | None = None,
+) -> ModelRun:
+    """One model over every fragment: partials reused (from ``store``, unless ``options.fresh``), the rest computed
+    and saved there. A model that would end past ``eta``'s deadline is skipped; a failing one is recorded and
+    skipped (``RunEnded`` with ``--on-model-error fail``). ``RunEnded`` also carries a stop request, data that went
+    bad and a device failure up, with what the model did until then."""
+    result = ModelResult(
+        spec.name, spec.arch, "running", random_weights=weights.path is None, sha256=weights.sha256
+    )
+    units = [Unit(spec, weights, p) for p in plans]
+    sums: dict[str, np.ndarray] = {}
+    if runtime.on_cuda:
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     t_model = time.perf_counter()
     try:
-        results = _reuse_partials(spec, weights, states, ctx, entry)
-        todo = [s for s in states if s.fragment.id not in results]
+        if store is not None and not options.fresh:
+            sums.update(_reuse_partials(units, store, result))
+        todo = [u for u in units if u.fragment.id not in sums]
         if todo:
-            results.update(_compute(spec, weights, todo, cfg, ctx, entry))
-        # report fragments in row order, whether reused or computed
-        entry["fragments"] = {s.fragment.id: entry["fragments"][s.fragment.id] for s in states}
-        if cfg.dry_run:
-            entry.update(_projection(entry, states, cfg))
-        else:
-            # all fragments or none: a model joins the ensemble everywhere once it has finished everywhere
-            for s in states:
-                add_to_ensemble(s, spec, results[s.fragment.id])
-        entry["status"] = "ok"
+            sums.update(
+                _compute(spec, weights, todo, options, runtime, result, stop=stop, eta=eta, store=store)
+            )
+        result.fragments = {p.id: result.fragments[p.id] for p in plans}  # in row order, reused or computed
+        result.status = "ok"
     except BudgetSkip as e:
-        entry.update(status="skipped", reason=str(e))
+        result.status, result.reason = "skipped", str(e)
         log.warning("model %s skipped: %s", spec.name, e)
     except MODEL_ERRORS as e:
         reason = (str(e) if isinstance(e, ModelRunError) else f"{type(e).__name__}: {e}").splitlines()[0]
-        entry.update(status="failed", reason=reason)
-        if cfg.on_model_error == "fail":
-            raise ModelRunError(f"model {spec.name} failed: {reason} (--on-model-error fail)") from e
+        result.status, result.reason = "failed", reason
+        if options.on_model_error == "fail":
+            cause = ModelRunError(f"model {spec.name} failed: {reason} (--on-model-error fail)")
+            raise RunEnded(_measured(result, runtime, t_model), cause) from e
         log.error("model %s failed and is skipped: %s", spec.name, reason)
-    except Interrupted:
-        entry["status"] = "interrupted"
-        raise
+    except Interrupted as e:
+        result.status = "interrupted"
+        raise RunEnded(_measured(result, runtime, t_model), e) from None
     except (UserError, DeviceError) as e:  # the data went bad mid-run, or the device failed: ends the run
-        entry.update(status="failed", reason=str(e))
-        raise
-    finally:
-        entry["seconds"] = time.perf_counter() - t_model
-        entry["gpu_peak_gib"] = gpu_peaks_gib(ctx.device)
-        entry["host_peak_gib"] = host_peak_gib()
+        result.status, result.reason = "failed", str(e)
+        raise RunEnded(_measured(result, runtime, t_model), e) from None
+    _measured(result, runtime, t_model)
+    return ModelRun(result, sums if result.status == "ok" and not options.dry_run else {})
+
+
+def _measured(result: ModelResult, runtime: Runtime, t_model: float) -> ModelResult:
+    result.seconds = time.perf_counter() - t_model
+    result.gpu_peak_gib = gpu_peaks_gib(runtime.device)
+    result.host_peak_gib = host_peak_gib()
+    return result
 
 
 def _compute(
-    spec: ModelSpec, weights: Weights, todo: list[FragmentState], cfg: RunConfig, ctx: RunContext, entry: dict
+    spec: ModelSpec,
+    weights: Weights,
+    todo: list[Unit],
+    options: ModelRunOptions,
+    runtime: Runtime,
+    result: ModelResult,
+    *,
+    stop: StopRequest,
+    eta: EtaMonitor | None,
+    store: PartialStore | None,
 ) -> dict[str, np.ndarray]:
-    """Build and load the model, tune it, run the fragments ``todo``, free it. Returns their sum maps by id."""
+    """Build and load the model, tune it, run the units ``todo``, free it. Returns their sum maps by fragment."""
     model = None
     try:
         try:
-            model, info = load_model(spec, weights.path, device=ctx.device, dtype=ctx.dtype)
+            model, info = load_model(spec, weights.path, device=runtime.device, dtype=runtime.dtype)
         except UserError as e:  # checked at the start, so the file changed since: this model's failure alone
             raise ModelRunError(f"weights unusable mid-run: {e}") from None
         model = GuardedModel(model)
-        entry.update(info)
+        result.load = info
         if weights.path is None:
             log.warning("model %s: random weights (--allow-random-weights)", spec.name)
         elif info["sha256"] != weights.sha256:
             raise ModelRunError(f"{weights.path}: changed since it was checked at the start of the run")
         tuning = tune(
-            model, spec, device=ctx.device, dtype=ctx.dtype, gpu_mem_gb=cfg.budget.gpu_mem_gb,
-            requested=cfg.batch_size,
+            model, spec, device=runtime.device, dtype=runtime.dtype, gpu_mem_gb=options.gpu_mem_gb,
+            requested=options.batch_size,
         )  # fmt: skip
-        entry["tuning"] = tuning.as_dict()
-        if not cfg.dry_run and tuning.s_per_window is not None:
-            _check_eta(sum(len(s.origins) for s in todo) * tuning.s_per_window, ctx.deadline, "by its probe")
-        return _run_fragments(model, spec, weights, todo, cfg, tuning.batch_size, ctx, entry)
+        result.tuning = tuning.as_dict()
+        if eta is not None and tuning.s_per_window is not None:
+            eta.check(sum(u.windows for u in todo) * tuning.s_per_window, "by its probe")
+        sums = {}
+        windows_left = sum(u.windows for u in todo)
+        for unit in todo:
+            stop.check()
+            sum_map, stats = _run_unit(
+                model, unit, options, runtime, tuning.batch_size, stop, eta, windows_left
+            )
+            windows_left -= unit.windows
+            frag = fragment_result(stats)
+            result.fragments[unit.fragment.id] = frag
+            result.warnings.extend(
+                check_outputs(spec.name, unit.fragment.id, frag, limit=options.max_nonfinite)
+            )
+            if store is not None:
+                frag.partial = store.save(unit, sum_map, frag) or PARTIAL_SAVED
+            sums[unit.fragment.id] = sum_map
+        return sums
     finally:
         # careful release: once per model, not per batch (empty_cache is slow when overused)
         del model
         gc.collect()
-        if ctx.device.type == "cuda":
+        if runtime.on_cuda:
             torch.cuda.empty_cache()
 
 
-def _run_fragments(
+def _run_unit(
     model: torch.nn.Module,
-    spec: ModelSpec,
-    weights: Weights,
-    todo: list[FragmentState],
-    cfg: RunConfig,
+    unit: Unit,
+    options: ModelRunOptions,
+    runtime: Runtime,
     batch_size: int,
-    ctx: RunContext,
-    entry: dict,
-) -> dict[str, np.ndarray]:
-    """Every fragment of ``todo`` through ``predict_fragment`` (in a dry run only a spread sample of its windows),
-    each result checked and saved as a partial as soon as it is done."""
-    total = sum(len(s.origins) for s in todo)
-    done, results = 0, {}
-    for s in todo:
-        ctx.stop.check()
-        origins, ops = s.origins, s.ops
-        if cfg.dry_run:
-            idx = spread_sample(len(origins), cfg.max_windows)
-            origins, ops = origins[idx], ops[idx]
+    stop: StopRequest,
+    eta: EtaMonitor | None,
+    windows_left: int,
+) -> tuple[np.ndarray, PredictStats]:
+    """One unit through ``predict_fragment`` (in a dry run only a spread sample of its windows); ``windows_left``:
+    this model's windows still to run, this unit's included (the budget check projects them)."""
+    plan = unit.fragment
+    origins, ops = plan.origins, plan.ops
+    if options.dry_run:
+        idx = spread_sample(len(origins), options.max_windows)
+        origins, ops = origins[idx], ops[idx]
 
-        def on_batch(stats: PredictStats, done: int = done) -> None:
-            ctx.stop.check()  # SIGTERM / SIGINT: stop between two batches
-            # after a few batches (warm-up behind us) project this model's end from its real rate, once
-            if not cfg.dry_run and len(stats.first_batches_s) == 4 and stats.windows > 0:
-                stats.first_batches_s.append(0.0)  # mark as checked
-                rate = stats.seconds / stats.windows
-                _check_eta((total - done - stats.windows) * rate, ctx.deadline, "at its rate")
-
-        try:
-            with open_volume(s.fragment) as volume:
-                sum_map, stats = predict_fragment(
-                    model, spec, volume, s.touched, origins, ops, device=ctx.device, dtype=ctx.dtype,
-                    batch_size=batch_size, tta=cfg.tta, quiet=cfg.quiet, desc=f"{spec.name}/{s.fragment.id}",
-                    on_batch=on_batch,
-                )  # fmt: skip
-        except OSError as e:  # the data went away or went bad mid-run: no model can read it
-            raise UserError(f"{s.fragment.path}: cannot read ({e.strerror or e})") from None
-        done += len(s.origins)
-        stats_e = stats_entry(stats)
-        entry["fragments"][s.fragment.id] = stats_e
-        _check_outputs(spec, s.fragment.id, stats_e, entry, limit=cfg.max_nonfinite)
-        if not cfg.dry_run:
-            failed = ctx.store.save(
-                spec, weights=weights.identity, fragment=s.fingerprint, sum_map=sum_map,
-                covered=model_count(s, spec) > 0, stats=stats_e,
+    def on_batch(stats: PredictStats) -> None:
+        stop.check()  # SIGTERM / SIGINT: stop between two batches
+        if eta is not None:
+            eta.after_batch(
+                batches=stats.batches, windows=stats.windows, seconds=stats.seconds,
+                windows_left=windows_left - stats.windows,
             )  # fmt: skip
-            stats_e["partial"] = failed or "saved"
-            results[s.fragment.id] = sum_map
-    return results
+
+    try:
+        with open_volume(plan.fragment) as volume:
+            return predict_fragment(
+                model, unit.model, volume, plan.touched, origins, ops, device=runtime.device, dtype=runtime.dtype,
+                batch_size=batch_size, tta=options.tta, quiet=options.quiet, desc=f"{unit.model.name}/{plan.id}",
+                on_batch=on_batch,
+            )  # fmt: skip
+    except OSError as e:  # the data went away or went bad mid-run: no model can read it
+        raise UserError(f"{plan.fragment.path}: cannot read ({e.strerror or e})") from None
 
 
-def _check_outputs(spec: ModelSpec, frag_id: str, stats: dict, entry: dict, *, limit: float = 1.0) -> None:
-    """Warn about NaN/inf windows and OOM retries; a model whose NaN/inf windows on a fragment are all of them, or
-    more than the ``limit`` fraction (``--max-nonfinite``), has failed."""
-    bad, n = stats["nonfinite_windows"], stats["windows"]
+def check_outputs(name: str, frag_id: str, frag: FragmentResult, *, limit: float = 1.0) -> list[str]:
+    """The warnings of one unit (NaN/inf windows, OOM retries); a model whose NaN/inf windows on a fragment are
+    all of them, or more than the ``limit`` fraction (``--max-nonfinite``), has failed (``ModelRunError``)."""
+    bad, n = frag.nonfinite_windows, frag.windows
     if bad and bad == n:
         raise ModelRunError(f"all {n} windows of fragment {frag_id} gave NaN or inf")
     if bad > limit * n:
         raise ModelRunError(
             f"{bad} of {n} windows of fragment {frag_id} gave NaN or inf, more than --max-nonfinite {limit:g}"
         )
-    new = []
+    warnings = []
     if bad:
-        new.append(
-            f"model {spec.name}, fragment {frag_id}: {bad} of {n} windows gave NaN or inf: "
+        warnings.append(
+            f"model {name}, fragment {frag_id}: {bad} of {n} windows gave NaN or inf: "
             "zeroed (they add 0 to the sum and still count)"
         )
-    if stats["oom_retries"]:
-        new.append(f"model {spec.name}, fragment {frag_id}: CUDA out of memory, batch size halved")
-    for w in new:
+    if frag.oom_retries:
+        warnings.append(f"model {name}, fragment {frag_id}: CUDA out of memory, batch size halved")
+    for w in warnings:
         log.warning(w)
-    entry.setdefault("warnings", []).extend(new)
+    return warnings
 
 
-def _reuse_partials(
-    spec: ModelSpec, weights: Weights, states: list[FragmentState], ctx: RunContext, entry: dict
-) -> dict[str, np.ndarray]:
-    """The sum maps of this model that earlier runs with the same key left in ``OUT/partials``, by fragment id."""
+def _reuse_partials(units: list[Unit], store: PartialStore, result: ModelResult) -> dict[str, np.ndarray]:
+    """The sum maps of the units that earlier runs with the same key left in the store, by fragment id."""
     found: dict[str, np.ndarray] = {}
-    if ctx.store is None or ctx.fresh:
-        return found
-    for s in states:
-        covered = model_count(s, spec) > 0
-        sum_map, stats, why = ctx.store.load(
-            spec, weights=weights.identity, fragment=s.fingerprint, covered=covered
-        )
+    for unit in units:
+        frag_id = unit.fragment.id
+        sum_map, frag, why = store.load(unit)
         if sum_map is None:
             if why is not None:
-                ctx.partials.setdefault("ignored", []).append([spec.name, s.fragment.id, why])
-                log.info("partial of %s on %s not used: %s", spec.name, s.fragment.id, why)
+                result.ignored_partials.append([frag_id, why])
+                log.info("partial of %s on %s not used: %s", unit.model.name, frag_id, why)
             continue
-        found[s.fragment.id] = sum_map
-        entry["fragments"][s.fragment.id] = {**stats, "partial": "reused"}
-        _check_outputs(spec, s.fragment.id, stats, entry)
-        ctx.partials["reused"].append([spec.name, s.fragment.id])
+        frag.partial = PARTIAL_REUSED
+        found[frag_id] = sum_map
+        result.fragments[frag_id] = frag
+        result.warnings.extend(check_outputs(unit.model.name, frag_id, frag))
     if found:
-        log.info("model %s: %d of %d fragments from %s", spec.name, len(found), len(states), ctx.store.root)
+        log.info(
+            "model %s: %d of %d fragments from %s", units[0].model.name, len(found), len(units), store.root
+        )
     return found
-
-
-def _check_eta(seconds_left: float, deadline: float, how: str) -> None:
-    eta = time.perf_counter() + seconds_left
-    if eta > deadline:
-        raise BudgetSkip(f"projected {how} to end {(eta - deadline) / 60:.1f} min past the time budget")
-
-
-def _projection(entry: dict, states: list[FragmentState], cfg: RunConfig) -> dict:
-    return project(
-        entry,
-        total_windows=sum(len(s.origins) for s in states),
-        grid_blocks=sum(s.touched.size for s in states),
-        touched_blocks=sum(int(s.touched.sum()) for s in states),
-        stride=cfg.stride,
-        scale_to=cfg.scale_to,
-    )

@@ -1,186 +1,71 @@
-"""The whole story of a run: fragments and weights checked, each model over each fragment, ensemble, threshold,
-RLE, submission.csv, report.json and previews.
+"""The whole story of a run, and the only module that knows it: the options (``RunConfig``) become a plan of units,
+the units run model by model, their typed results flow up into the ``RunReport``, and the tail writes the outputs.
+
+    preflight (out, stride, fragments, free space, weights)  ->  plan: FragmentPlan per fragment, Unit per pair
+    -> for each model: model_run.run_model -> ModelRun (ModelResult + sum maps)  ->  ensemble.FragmentEnsemble
+    -> outputs.write_outputs (threshold, RLE, previews, submission.csv)  |  dry run: budget.project / verdicts
+    -> results.RunReport -> report.json (after every model, and at the end)
 
 Loop order: model-outer, fragment-inner (build one model, load it, run every fragment, free it). Each model
 re-reads the fragments from disk, but only its own slices, once per pixel (``stream.py``), in a reader thread that
 overlaps the device. Measured on an H200 with the 18 reference configs on a fragment-1-sized input, the device
 never waited for the reader (0.0 s of read wait per model, benchmarks/RESULTS.md), so re-reading costs no wall
 time, while a model-inner loop would hold 18 models and 18 sum maps at once. Model-outer also gives the budget
-check and resume their natural unit: one model (``model_run.py``); the ensemble and the outputs are
-``ensemble.py``.
+check and resume their natural unit.
 
-Faults. Everything the user can fix (data, manifest fields, weights failing their hash or not fitting their model,
-a stride wider than a model square, an ``--out`` that is unwritable or too full) is found before any compute and
-is a ``UserError``. A model that fails while running, for what a model can cause (``model_run.MODEL_ERRORS``), is
-recorded in report.json and skipped (``--on-model-error skip``) or ends the run (``fail``); its results join the
-ensemble for every fragment or for none. A bug keeps its traceback; a CUDA error (``DeviceError``) ends the run. Windows with NaN or inf outputs are zeroed, counted and reported. Each finished (model, fragment) result is
-saved under ``OUT/partials`` (``partials.py``), so a rerun resumes where a crash, a full disk or SIGTERM stopped
-it. submission.csv is only ever replaced, atomically, by a complete one: it is absent or valid, never partial.
+Faults. Everything the user can fix is found before any compute (``preflight.py``) and is a ``UserError``. A model
+that fails while running, for what a model can cause (``model_run.MODEL_ERRORS``), is recorded in report.json and
+skipped (``--on-model-error skip``) or ends the run (``fail``); its results join the ensemble for every fragment or
+for none. A bug keeps its traceback; a CUDA error (``DeviceError``) ends the run. Windows with NaN or inf outputs
+are zeroed, counted and reported. Each finished unit is saved under ``OUT/partials`` (``partials.py``), so a rerun
+resumes where a crash, a full disk or SIGTERM stopped it. submission.csv is only ever replaced, atomically, by a
+complete one: it is absent or valid, never partial.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import shutil
 import time
-from pathlib import Path
 
-import torch
-
-from .config import BLOCK, RunConfig
-from .ensemble import FragmentState, finish, model_count
+from .budget import EtaMonitor, project, verdicts
+from .config import RunConfig
+from .ensemble import FragmentEnsemble
 from .errors import DeviceError, ModelRunError, UserError
-from .fragments import Fragment, find_fragments, load_mask, open_volume
-from .manifest import Manifest, find_weights, load_manifest, resolve_weights, verify_file
-from .model_run import RunContext, Weights, expected_state, run_model
-from .models.checkpoint import check_checkpoint
-from .partials import PartialStore, fragment_fingerprint
-from .report import environment, interrupted_at, interrupted_message, partials_kept, verdicts, write_report
-from .runtime import cap_gpu_memory
-from .stop import Interrupted, StopRequest
-from .tiling import touched_blocks, tta_ops, window_origins
+from .fragments import find_fragments
+from .manifest import load_manifest, sha256_file
+from .model_run import ModelRunOptions, RunEnded, run_model
+from .outputs import OutputOptions, write_outputs
+from .partials import PartialStore
+from .plan import FragmentPlan, UnitSettings, model_count, plan_fragment
+from .preflight import check_free_space, check_stride, check_weights, prepare_out
+from .results import FragmentPlanned, Interruption, PartialsSummary, RunReport, write_report
+from .runtime import Runtime, environment, start_runtime
+from .stop import Interrupted, StopRequest, signal_name
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(name)
-
-
-def prepare_out(out: Path) -> None:
-    """Create ``out`` and prove it is writable before any compute, so a run never dies at the last step."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".ink_infer_write_test_{id(out)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        (out / "previews").mkdir(exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: --out is not writable ({e.strerror or e})") from None
-
-
-# what a run writes besides partials, per fragment: its submission row, two previews, its share of report.json
-OUTPUT_BYTES_PER_FRAGMENT = 16 * 2**20
-
-
-def check_free_space(out: Path, states: list[FragmentState], manifest: Manifest, *, dry_run: bool) -> dict:
-    """Free space under ``out`` against what the run will write, before any compute.
-
-    Partials: the covered 32 x 32 blocks of every (model, fragment) as float32 (files already there are replaced,
-    so their size counts as free); outputs: ``OUTPUT_BYTES_PER_FRAGMENT``. Too little for the outputs is refused;
-    too little for the partials is a warning (they are what a rerun resumes from, not the result). Returns the
-    figures for report.json."""
-    free = shutil.disk_usage(out).free
-    partials = 0
-    if not dry_run:
-        for spec in manifest.models:
-            for s in states:
-                partials += int((model_count(s, spec) > 0).sum()) * BLOCK * BLOCK * 4
-        partials -= (
-            sum(f.stat().st_size for f in (out / "partials").glob("*.npz"))
-            if (out / "partials").is_dir()
-            else 0
-        )
-    outputs = OUTPUT_BYTES_PER_FRAGMENT * len(states)
-    figures = {"free_bytes": free, "partials_bytes": max(partials, 0), "outputs_bytes": outputs}
-    mb = 2**20
-    if free < outputs:
-        raise UserError(
-            f"{out}: {free / mb:.0f} MB free, the outputs need about {outputs / mb:.0f} MB "
-            f"(and the partials {max(partials, 0) / mb:.0f} MB): free some space or choose another --out"
-        )
-    if free < outputs + partials:
-        log.warning(
-            "%s: %.0f MB free, the partials need about %.0f MB: results that cannot be saved are not kept for a "
-            "rerun (the submission is unaffected)", out, free / mb, partials / mb,
-        )  # fmt: skip
-    return figures
-
-
-def check_stride(stride: int, manifest: Manifest) -> None:
-    """A stride wider than a model's square leaves pixels between its windows without a prediction: refused."""
-    narrowest = min(manifest.models, key=lambda m: m.side)
-    if stride > narrowest.side:
-        raise UserError(
-            f"--stride {stride}: wider than the {narrowest.side}-px square of model {narrowest.name!r}, so pixels "
-            f"between its windows would get no prediction; use at most {narrowest.side} (reference: 32)"
-        )
-
-
-def prepare_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentState:
-    """Validate the volume (all slices, before any compute), read the mask, plan the windows."""
-    with open_volume(fragment) as vol:
-        shape = (vol.height, vol.width)
-        state_notes = list(vol.warnings)  # files in surface_volume/ that are not slices, ignored
-    mask, warning = load_mask(fragment, shape)
-    if warning:
-        state_notes.append(warning)
-    touched = touched_blocks(mask)
-    origins = window_origins(touched, stride_blocks=stride // BLOCK)
-    if min(shape) < 256:
-        state_notes.append(
-            f"fragment {fragment.id} ({shape[0]}x{shape[1]}) is smaller than one window: zero-padded"
-        )
-    if len(origins) == 0:
-        state_notes.append(f"fragment {fragment.id}: no mask pixel on the 32-pixel grid, empty prediction")
-    return FragmentState(
-        fragment, shape, mask, touched, origins, tta_ops(len(origins), mode=tta), notes=state_notes,
-        fingerprint=fragment_fingerprint(fragment.id, fragment.path, shape, mask),
+def model_options(cfg: RunConfig, *, fresh: bool) -> ModelRunOptions:
+    return ModelRunOptions(
+        tta=cfg.tta, dry_run=cfg.dry_run, max_windows=cfg.max_windows, batch_size=cfg.batch_size,
+        gpu_mem_gb=cfg.budget.gpu_mem_gb, max_nonfinite=cfg.max_nonfinite, on_model_error=cfg.on_model_error,
+        fresh=fresh, quiet=cfg.quiet,
     )  # fmt: skip
 
 
-def preflight_weights(manifest: Manifest, cfg: RunConfig) -> dict[str, Weights]:
-    """Every model's weight file resolved inside ``--weights`` and checked (size, sha256), before any compute.
-
-    Hashing here costs a read of every file at the start (load_weights reuses the digest while the file's stat is
-    unchanged), and buys two things: a corrupt file fails the run in seconds, not at hour 8, and partials can be
-    keyed by the weights they came from without loading the model."""
-    import timm
-
-    weights: dict[str, Weights] = {}
-    for spec in manifest.models:
-        if spec.arch == "2.5d" and not timm.is_model(spec.backbone):
-            raise UserError(f"{manifest.path}: model {spec.name!r}: unknown timm backbone {spec.backbone!r}")
-        if cfg.allow_random_weights:
-            # an explicit opt-in for rehearsals without the weights; the report marks each such model
-            path = find_weights(spec, cfg.weights)
-        else:
-            path = resolve_weights(spec, cfg.weights)
-        try:
-            digest = verify_file(spec, path) if path is not None else None
-        except OSError as e:
-            raise UserError(f"{path}: cannot read weights ({e.strerror or e})") from None
-        weights[spec.name] = Weights(path, digest)
-    bad = []
-    for spec in manifest.models:  # opened (keys, shapes, hyper-parameters), not loaded: seconds for 18 files
-        path = weights[spec.name].path
-        if path is None:
-            continue
-        try:
-            expected = expected_state(spec)
-        except (RuntimeError, ValueError) as e:  # timm or our builders refusing the entry's configuration
-            raise UserError(
-                f"{manifest.path}: model {spec.name!r} cannot be built: {e}".splitlines()[0]
-            ) from None
-        try:
-            check_checkpoint(path, spec, expected)
-        except UserError as e:  # unreadable files come here too: _safe_load names them
-            bad.append(str(e))
-    if bad:
-        raise UserError("\n".join(bad))  # one line per bad file
-    return weights
+def resolved_options(cfg: RunConfig, *, fresh: bool) -> dict:
+    """The run's options as report.json records them (provenance: enough to rebuild the command)."""
+    return {**dataclasses.asdict(cfg), "fresh": fresh}
 
 
-def run(cfg: RunConfig, *, fresh: bool = False) -> dict:
-    """Run the ensemble over every fragment and write the outputs; returns the report dict.
+def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
+    """Run the ensemble over every fragment and write the outputs; returns the run's report.
 
     ``fresh``: compute everything, ignoring partials of earlier runs (they are still written). Raises
     ``UserError`` (bad input, outputs that cannot be written), ``ModelRunError`` (no model finished, or one failed
-    under ``--on-model-error fail``) and ``partials.Interrupted`` (SIGTERM / SIGINT); report.json records each.
+    under ``--on-model-error fail``), ``DeviceError`` and ``stop.Interrupted`` (SIGTERM / SIGINT); report.json
+    records each.
     """
     t0 = time.perf_counter()
     prepare_out(cfg.out)
@@ -188,70 +73,99 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> dict:
     check_stride(cfg.stride, manifest)
     threshold = cfg.threshold or manifest.threshold
     fragments, warnings = find_fragments(cfg.data)
-    states = [prepare_fragment(f, stride=cfg.stride, tta=cfg.tta) for f in fragments]
-    disk = check_free_space(cfg.out, states, manifest, dry_run=cfg.dry_run)
-    weights = preflight_weights(manifest, cfg)
-    device = resolve_device(cfg.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed batch shapes (the last batch is padded)
-    gpu_fraction = cap_gpu_memory(device, cfg.budget.gpu_mem_gb)
-    for s in states:
-        warnings.extend(s.notes)
+    plans = [plan_fragment(f, stride=cfg.stride, tta=cfg.tta) for f in fragments]
+    disk = check_free_space(cfg.out, plans, manifest, dry_run=cfg.dry_run)
+    weights = check_weights(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
+    runtime = start_runtime(cfg.device, gpu_mem_gb=cfg.budget.gpu_mem_gb)
+    for p in plans:
+        warnings.extend(p.notes)
     for w in warnings:
         log.warning(w)
-    report = {
-        "status": "running",
-        "mode": "dry-run" if cfg.dry_run else "submit",
-        "manifest": str(manifest.path),
-        "data": str(cfg.data),
-        "stride": cfg.stride,
-        "tta": cfg.tta,
-        "threshold": {"percentile": threshold.percentile, "region": threshold.region},
-        "environment": environment(device),
-        "gpu_memory_fraction": gpu_fraction,
-        "disk": disk,
-        "warnings": warnings,
-        "fragments": {s.fragment.id: {"shape": list(s.shape), "windows": len(s.origins)} for s in states},
-        "partials": {"dir": None if cfg.dry_run else str(cfg.out / "partials"), "fresh": fresh, "reused": []},
-        "models": [],
-    }
-    deadline = t0 + cfg.budget.hours * 3600 * (1 - cfg.budget.safety_margin)
+    report = RunReport(
+        status="running", mode="dry-run" if cfg.dry_run else "submit", manifest=str(manifest.path),
+        manifest_sha256=sha256_file(manifest.path), data=str(cfg.data), options=resolved_options(cfg, fresh=fresh),
+        stride=cfg.stride, tta=cfg.tta, threshold=dataclasses.asdict(threshold),
+        environment=environment(runtime.device), gpu_memory_fraction=runtime.gpu_memory_fraction, disk=disk,
+        warnings=warnings, fragments={p.id: FragmentPlanned(list(p.shape), len(p.origins)) for p in plans},
+        partials=PartialsSummary(dir=None if cfg.dry_run else str(cfg.out / "partials"), fresh=fresh),
+    )  # fmt: skip
     with StopRequest() as stop:
-        store = PartialStore(
-            cfg.out / "partials", stride=cfg.stride, tta=cfg.tta, device=device.type,
-            dtype=str(dtype).removeprefix("torch."),
-        )  # fmt: skip
-        ctx = RunContext(
-            device, dtype, deadline, stop, None if cfg.dry_run else store, fresh, report["partials"]
-        )
         try:
-            for spec in manifest.models:
-                stop.check()
-                entry = {"name": spec.name, "arch": spec.arch, "status": "running", "fragments": {}}
-                report["models"].append(entry)
-                run_model(spec, weights[spec.name], states, cfg, ctx, entry)
-                report["warnings"].extend(entry.get("warnings", []))
-                write_report(cfg.out, report, t0, final=False)  # progress, and what a killed run leaves
+            ensembles = _run_models(
+                cfg, manifest.models, weights, plans, runtime, report, stop, t0, fresh=fresh
+            )
             stop.check()
             if cfg.dry_run:
-                report["projection"] = verdicts(report["models"], cfg)
+                report.projection = verdicts(report.models, cfg.budget)
             else:
-                report["submission"] = finish(states, cfg, threshold, partials_kept=partials_kept(report))
+                if not any(e.weight_sum for e in ensembles) and any(len(p.origins) for p in plans):
+                    raise ModelRunError("no model finished: no submission written")
+                report.submission = write_outputs(
+                    plans, ensembles, OutputOptions(cfg.out, threshold, cfg.previews),
+                    partials_kept=report.partials_kept,
+                )  # fmt: skip
         except Interrupted as e:
-            report.update(status="interrupted", interrupted=interrupted_at(report, e.signum))
+            running = [m.name for m in report.models if m.status == "interrupted"]
+            report.status = "interrupted"
+            report.interrupted = Interruption(signal_name(e.signum), running[-1] if running else None)
             write_report(cfg.out, report, t0, final=False)
-            raise Interrupted(e.signum, interrupted_message(report, cfg.out)) from None
+            raise Interrupted(e.signum, interrupted_message(report, cfg)) from None
         except (ModelRunError, UserError, DeviceError) as e:
-            report.update(status="failed", error=str(e))
+            report.status, report.error = "failed", str(e)
             write_report(cfg.out, report, t0, final=False)
             raise
         except (
             Exception
         ) as e:  # a bug: the traceback is kept (exit 1), and report.json still ends in a status
-            report.update(status="failed", error=f"internal error: {type(e).__name__}: {e}".splitlines()[0])
+            report.status = "failed"
+            report.error = f"internal error: {type(e).__name__}: {e}".splitlines()[0]
             write_report(cfg.out, report, t0, final=False)
             raise
-    report["status"] = "ok"
+    report.status = "ok"
     write_report(cfg.out, report, t0, final=True)
     return report
+
+
+def _run_models(
+    cfg: RunConfig, models, weights, plans: list[FragmentPlan], runtime: Runtime, report: RunReport,
+    stop: StopRequest, t0: float, *, fresh: bool,
+) -> list[FragmentEnsemble]:  # fmt: skip
+    """Each model over every fragment, its result added to ``report`` (written after each), its maps to the
+    ensemble; a dry run projects each model's full run instead."""
+    options = model_options(cfg, fresh=fresh)
+    settings = UnitSettings(cfg.stride, cfg.tta, runtime.device.type, runtime.dtype_name)
+    store = None if cfg.dry_run else PartialStore(cfg.out / "partials", settings)
+    eta = None if cfg.dry_run else EtaMonitor.for_budget(cfg.budget, t0)
+    ensembles = [FragmentEnsemble(p.shape, p.mask) for p in plans]
+    for spec in models:
+        stop.check()
+        try:
+            done = run_model(
+                spec, weights[spec.name], plans, options, runtime, stop=stop, eta=eta, store=store
+            )
+        except RunEnded as e:
+            report.add_model(e.result)
+            raise e.cause from None
+        result = done.result
+        if cfg.dry_run and result.status == "ok":
+            result = dataclasses.replace(result, projection=project(
+                result, total_windows=sum(len(p.origins) for p in plans),
+                grid_blocks=sum(p.touched.size for p in plans), touched_blocks=sum(int(p.touched.sum()) for p in plans),
+                stride=cfg.stride, scale_to=cfg.scale_to,
+            ))  # fmt: skip
+        report.add_model(result)
+        for p, ens in zip(plans, ensembles, strict=True):
+            if done.sums:  # all fragments or none: a model joins the ensemble once it has finished everywhere
+                ens.add(done.sums[p.id], model_count(p, spec), spec.weight)
+        write_report(cfg.out, report, t0, final=False)  # progress, and what a killed run leaves
+    return ensembles
+
+
+def interrupted_message(report: RunReport, cfg: RunConfig) -> str:
+    """The one line an interrupted run ends with: where it stopped, what is kept, how to resume."""
+    where = report.interrupted
+    during = f" during model {where.model}" if where.model else ""
+    return (
+        f"interrupted by {where.signal}{during}: no submission written; {report.partials_kept} finished (model, "
+        f"fragment) result(s) kept in {cfg.out / 'partials'}: rerun the same command to resume"
+    )

@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 BAND_BYTES_CPU = 48 * 2**20
 BAND_BYTES_CUDA = 256 * 2**20
 
+# batches whose end is synchronised on CUDA, so that the rate the budget checks after them is real
+SYNCED_BATCHES = 4
+
 # flip dims per op of the reference schedule on (B, C, H, W): 0 none, 1 H, 2 W, 3 H+W
 _FLIP_DIMS = {1: (-2,), 2: (-1,), 3: (-2, -1)}
 _CV2_FLIP = {1: 0, 2: 1, 3: -1}  # the same ops as cv2.flip codes on one (H, W) slice
@@ -50,9 +53,8 @@ class PredictStats:
     nonfinite_windows: int = 0
     batch_size: int = 0
     oom_retries: int = 0
-    first_batches_s: list[float] = field(
-        default_factory=list
-    )  # wall time of the first batches (for projection)
+    batches: int = 0
+    first_batch_s: float = 0.0  # wall time of the first batch (warm-up: cudnn autotuning, allocator growth)
 
 
 def apply_flips(x: torch.Tensor, ops: np.ndarray) -> torch.Tensor:
@@ -287,10 +289,12 @@ def predict_fragment(
             )
             acc.add(probs, origins[idx, 0] * BLOCK + off, origins[idx, 1] * BLOCK + off)
             stats.windows += len(idx)
-            if len(stats.first_batches_s) < 4:
-                if on_cuda:
+            stats.batches += 1
+            if stats.batches <= SYNCED_BATCHES:
+                if on_cuda:  # measured times, not queued kernels: the warm-up batch and the early rate
                     torch.cuda.synchronize(device)
-                stats.first_batches_s.append(time.perf_counter() - t_batch)
+                if stats.batches == 1:
+                    stats.first_batch_s = time.perf_counter() - t_batch
             stats.seconds = time.perf_counter() - t_start
             bar.update(len(idx))
             if on_batch is not None:

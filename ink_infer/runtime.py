@@ -1,5 +1,5 @@
 """Where a run computes and the process settings that go with it: the device and its dtype, the GPU memory cap,
-the cudnn flags, glibc's malloc behaviour, and the versions every report records.
+the cudnn flags, glibc's malloc behaviour; and what every report records of it: versions, host and GPU memory peaks.
 
 Process-wide settings are made here and only here, by the CLIs (submit, train) and by ``pipeline.run``.
 """
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,3 +120,29 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def host_peak_gib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux; it cannot be reset)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def host_current_gib() -> float:
+    """Current resident set size, from /proc/self/status (0 where that file does not exist)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return 0.0
+
+
+def gpu_peaks_gib(device: torch.device) -> dict[str, float] | None:
+    """``max_memory_allocated`` / ``max_memory_reserved`` since the last reset, or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return {
+        "allocated": torch.cuda.max_memory_allocated(device) / GIB,
+        "reserved": torch.cuda.max_memory_reserved(device) / GIB,
+    }

@@ -20,8 +20,8 @@ from pathlib import Path
 from .config import Budget, RunConfig, ThresholdSpec
 from .errors import DeviceError, ModelRunError, UserError
 from .manifest import DEMO_MANIFEST
-from .report import format_table
 from .schema import cli_type
+from .summary import TABLE, format_table, format_verdicts, table_rows
 
 log = logging.getLogger("ink_infer")
 
@@ -160,7 +160,7 @@ def demo_scores(data: Path, out: Path, *, previews: bool = False) -> dict[str, f
     import cv2
 
     from .metrics import fbeta
-    from .report import write_truth_preview
+    from .previews import write_truth_preview
     from .rle import read_submission, rle_decode
 
     scores = {}
@@ -177,60 +177,16 @@ def demo_scores(data: Path, out: Path, *, previews: bool = False) -> dict[str, f
     return scores
 
 
-TABLE = [
-    ("name", "model", "s"),
-    ("status", "status", "s"),
-    ("windows", "windows", "d"),
-    ("ms_per_window", "ms/window", ".1f"),
-    ("projected_h", "projected h", ".3f"),
-    ("gpu_gib", "peak GPU GiB", ".2f"),
-    ("host_gib", "peak host GiB", ".2f"),
-]
-
-
-def table_rows(report: dict) -> list[dict]:
-    rows = []
-    for m in report["models"]:
-        frags = m["fragments"].values()
-        windows = sum(f["windows"] for f in frags)
-        seconds = sum(f["seconds"] for f in frags)
-        gpu = m.get("gpu_peak_gib") or {}
-        rows.append({
-            "name": m["name"], "status": m["status"], "windows": windows,
-            "ms_per_window": 1000 * seconds / windows if windows else None,
-            "projected_h": m.get("projected_hours"), "gpu_gib": gpu.get("reserved"), "host_gib": m.get("host_peak_gib"),
-        })  # fmt: skip
-    return rows
-
-
-def format_verdicts(p: dict) -> str:
-    lines = [
-        f"projected time, these fragments: {p['hours']:.2f} h of {p['budget_hours_after_margin']:.2f} h "
-        f"(budget {p['budget_hours']:g} h less the safety margin): {p['hours_verdict']}"
-    ]
-    for size, v in p["hours_scaled"].items():
-        lines.append(f"projected time, a {size} fragment: {v['hours']:.2f} h: {v['verdict']}")
-    gpu = "-" if p["gpu_peak_gib"] is None else f"{p['gpu_peak_gib']:.2f} GiB"
-    lines.append(f"peak GPU memory {gpu}: {p['gpu_verdict']}")
-    lines.append(f"peak host memory {p['host_peak_gib']:.2f} GiB: {p['host_verdict']}")
-    if p["models_not_ok"]:
-        lines.append(f"models that did not run: {', '.join(p['models_not_ok'])}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
     )
     from . import pipeline  # torch and timm load here, after the arguments are known to be well-formed
-    from .runtime import keep_freed_memory
     from .stop import Interrupted
 
     try:
         cfg = config_from_args(args)
-        if pipeline.resolve_device(cfg.device).type == "cpu":
-            keep_freed_memory()  # CPU forward passes re-allocate the same activations every batch
         report = pipeline.run(cfg, fresh=args.fresh)
     except UserError as e:
         for line in str(e).splitlines():  # one line per problem (several bad checkpoints: one line each)
@@ -243,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(format_table(table_rows(report), TABLE))
-    if "submission" in report:
-        print(f"wrote {report['submission']['path']}, {cfg.out / 'report.json'}, {cfg.out / 'previews'}/")
+    if report.submission is not None:
+        print(f"wrote {report.submission.path}, {cfg.out / 'report.json'}, {cfg.out / 'previews'}/")
     else:
-        print(format_verdicts(report["projection"]))
+        print(format_verdicts(report.projection))
         print(f"wrote {cfg.out / 'report.json'} (dry run: no submission)")
-        failed = [m["name"] for m in report["models"] if m["status"] == "failed"]
+        failed = [m.name for m in report.models if m.status == "failed"]
         if failed:  # a rehearsal that hides a failing model would pass at home and fail at hour 8
             print(
                 f"error: dry run: {len(failed)} model(s) failed: {', '.join(failed)} (see report.json)",

@@ -51,7 +51,7 @@ def test_truth_previews_show_the_scored_pixels(demo_out: Path) -> None:
     import cv2
     import numpy as np
 
-    from ink_infer.report import TRUTH_COLOURS
+    from ink_infer.previews import TRUTH_COLOURS
 
     scores = demo_scores(demo_out / "demo_data" / "vesuvius-challenge-ink-detection", demo_out)
     for frag_id, score in scores.items():

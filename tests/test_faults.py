@@ -478,7 +478,7 @@ def test_disk_full_on_the_final_report_rewrites_it_in_place_and_keeps_the_submis
 
 
 def test_disk_full_on_the_final_report_with_no_room_at_all_removes_the_stale_one(data, manifest, tmp_path, monkeypatch, standins, capsys):  # fmt: skip
-    from ink_infer import report as report_mod
+    from ink_infer import results as report_mod
 
     out = tmp_path / "out"
     fill_disk(monkeypatch, out, lambda p: p.name == "report.json" and (out / "submission.csv").exists())
@@ -488,7 +488,7 @@ def test_disk_full_on_the_final_report_with_no_room_at_all_removes_the_stale_one
 
     monkeypatch.setattr(
         report_mod, "open", no_room, raising=False
-    )  # shadows the builtin inside report.py only
+    )  # shadows the builtin inside results.py only
     assert run_cli(data, out, manifest) == 2
     assert (
         "report.json: cannot write (No space left on device); submission.csv was written"
@@ -593,6 +593,30 @@ def test_rerun_reuses_everything_without_building_a_model_and_fresh_recomputes(
     assert run_cli(data, out, manifest, "--fresh") == 0
     assert built == ["m25d", "m3d"] and report_of(out)["partials"]["reused"] == []
     assert (out / "submission.csv").read_bytes() == (reference / "submission.csv").read_bytes()
+
+
+def test_changing_only_ensemble_weights_or_file_names_reuses_every_partial(
+    data, reference, tmp_path, monkeypatch
+):
+    """A partial is keyed by what changes its bytes: an entry's ensemble ``weight`` and ``file`` name do not."""
+
+    def reweigh(m: dict) -> None:
+        m["models"][0]["file"] = (
+            "renamed.ckpt"  # no such file: random weights, as before (--allow-random-weights)
+        )
+        m["models"][1]["weight"] = 3.0
+
+    manifest = write_manifest(tmp_path / "m.json", reweigh)
+    out = shutil.copytree(reference, tmp_path / "out")
+    built = []
+    monkeypatch.setattr(model_run, "build_model", lambda spec: built.append(spec.name) or Standin())
+    assert run_cli(data, out, manifest) == 0
+    assert built == [] and len(report_of(out)["partials"]["reused"]) == 4
+    fresh = tmp_path / "fresh"
+    assert run_cli(data, fresh, manifest) == 0 and built == ["m25d", "m3d"]
+    # the reused maps, weighed anew, give the submission a fresh run gives (and not the reference's)
+    assert (out / "submission.csv").read_bytes() == (fresh / "submission.csv").read_bytes()
+    assert (out / "submission.csv").read_bytes() != (reference / "submission.csv").read_bytes()
 
 
 def change_slice_mtime(comp: Path) -> None:

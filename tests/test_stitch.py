@@ -111,24 +111,23 @@ def test_nonfinite_windows_are_counted_and_zeroed():
 
 
 def test_ensemble_is_the_weighted_mean_of_model_maps():
-    from ink_infer.ensemble import FragmentState, add_to_ensemble
+    from ink_infer.ensemble import FragmentEnsemble
 
     h, w = 150, 150
     mask = blob_mask(h, w, seed=11)
-    touched = touched_blocks(mask)
-    origins = window_origins(touched)
-    state = FragmentState(None, (h, w), mask, touched, origins, tta_ops(len(origins)))
-    spec_a = ModelSpec(name="a", arch="2.5d", in_chans=1, z_range=(0, 1), tile=128, weight=1.0)
-    spec_b = ModelSpec(name="b", arch="2.5d", in_chans=1, z_range=(0, 1), tile=128, weight=3.0)
+    origins = window_origins(touched_blocks(mask))
+    ens = FragmentEnsemble((h, w), mask)
+    assert not ens.mean().any() and (ens.region("covered") == mask).all()  # before any model joined
     count = coverage_blocks(origins, cover_grid(mask.shape), tile_blocks=4)
     grid = (count.shape[0] * 32, count.shape[1] * 32)
     ones = np.kron(count, np.ones((32, 32))).astype(np.float32)  # a model predicting 1 everywhere
-    add_to_ensemble(state, spec_a, ones)
-    add_to_ensemble(state, spec_b, np.zeros(grid, dtype=np.float32))
-    prob = state.ensemble / state.weight_sum
+    ens.add(ones, count, 1.0)
+    ens.add(np.zeros(grid, dtype=np.float32), count, 3.0)
+    prob = ens.mean()
     covered = covered_mask(count, mask)
     np.testing.assert_allclose(prob[covered], 0.25)
     assert (prob[~covered] == 0).all()
+    assert (ens.region("covered") == covered).all() and (ens.region("mask") == mask).all()
 
 
 def reference_counts(mask: np.ndarray, *, tile: int, crop: int | None) -> np.ndarray:

@@ -173,20 +173,22 @@ def test_a_checkpoint_that_goes_bad_after_the_start_skips_only_its_model(
 
 
 def test_a_disk_without_room_for_the_outputs_is_refused_with_the_figures(data, manifest, tmp_path, capsys, monkeypatch, standins):  # fmt: skip
-    import ink_infer.pipeline as pipeline
+    import ink_infer.preflight as preflight
 
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    monkeypatch.setattr(
+        preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 4096)
+    )
     out = tmp_path / "out"
     refused(run_cli(data, out, manifest), capsys, out, "0 MB free, the outputs need about 32 MB")
     assert not (out / "report.json").exists()
 
 
 def test_room_for_the_outputs_but_not_the_partials_warns_and_runs(data, manifest, tmp_path, monkeypatch, standins, caplog):  # fmt: skip
-    import ink_infer.pipeline as pipeline
+    import ink_infer.preflight as preflight
 
-    free = pipeline.OUTPUT_BYTES_PER_FRAGMENT * len(SHAPES) + 1000
+    free = preflight.OUTPUT_BYTES_PER_FRAGMENT * len(SHAPES) + 1000
     monkeypatch.setattr(
-        pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, free)
+        preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, free)
     )
     out = tmp_path / "out"
     assert run_cli(data, out, manifest) == 0
@@ -262,7 +264,7 @@ def test_a_programming_error_keeps_its_traceback_and_ends_the_run(
     def broken(*args, **kwargs):
         raise TypeError("a bug in ink_infer")
 
-    monkeypatch.setattr(model_run, "_check_outputs", broken)
+    monkeypatch.setattr(model_run, "check_outputs", broken)
     out = tmp_path / "out"
     with pytest.raises(TypeError, match="a bug in ink_infer"):  # not swallowed as "model failed"
         run_cli(data, out, manifest)

@@ -4,7 +4,6 @@ grad scaler, counters), ``last.ckpt`` to resume from, and the exported weights w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import pickle
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from ink_infer.config import ModelSpec
 from ink_infer.errors import UserError
 from ink_infer.manifest import sha256_file
 from ink_infer.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, hyper_parameters_for, strip_prefix
+from ink_infer.plan import output_fields
 
 WARMUP_FRACTION = 0.02
 BACKBONE_PREFIXES = ("encoder.", "backbone.")  # 2.5D timm encoder, irCSN backbone: trained at --backbone-lr
@@ -115,11 +115,9 @@ def make_trainer(
 
 
 def spec_key(spec: ModelSpec) -> dict[str, Any]:
-    """What must not change between a run and its resume: the model and its inputs (not the weight file)."""
-    kept = {
-        k: v for k, v in dataclasses.asdict(spec).items() if k not in ("file", "sha256", "size", "weight")
-    }
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kept.items()}
+    """What must not change between a run and its resume: the model and its inputs (not the weight file), the
+    fields inference keys its partials by (``ink_infer.plan.output_fields``)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in output_fields(spec).items()}
 
 
 def save_last(tr: Trainer, path: Path) -> None:

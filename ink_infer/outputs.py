@@ -1,0 +1,69 @@
+"""The tail of a run: ensemble mean -> percentile threshold -> RLE -> previews and submission.csv.
+
+A preview that cannot be written is a warning; a submission.csv that cannot be written is a ``UserError`` and
+leaves the previous file (or none) in place: submission.csv is only ever replaced, atomically, by a complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ThresholdSpec
+from .ensemble import FragmentEnsemble
+from .errors import UserError
+from .plan import FragmentPlan
+from .previews import write_preview
+from .results import FragmentOutput, SubmissionResult
+from .rle import rle_encode, write_submission
+from .threshold import binarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    out: Path
+    threshold: ThresholdSpec
+    previews: bool = True
+
+
+def write_outputs(
+    plans: Sequence[FragmentPlan],
+    ensembles: Sequence[FragmentEnsemble],
+    options: OutputOptions,
+    *,
+    partials_kept: int,
+) -> SubmissionResult:
+    """Threshold each fragment's ensemble, encode it, write previews and submission.csv (``partials_kept``: what
+    the error message can promise a rerun when submission.csv cannot be written)."""
+    rows, summary = [], {}
+    for plan, ens in zip(plans, ensembles, strict=True):
+        prob, region = ens.mean(), ens.region(options.threshold.region)
+        ink, thr = binarize(prob, region, options.threshold.percentile)
+        rows.append((plan.fragment.submission_id, rle_encode(ink)))
+        summary[plan.id] = FragmentOutput(
+            None if thr is None else float(thr), float(ink.mean()), int(region.sum())
+        )
+        if options.previews:
+            path = options.out / "previews" / f"{plan.id}.png"
+            try:
+                write_preview(path, prob, ink, plan.mask)
+            except OSError as e:
+                log.warning("%s: preview not written (%s)", path, e.strerror or e)
+    path = options.out / "submission.csv"
+    try:
+        write_submission(rows, path)
+    except OSError as e:
+        kept = (
+            f"{partials_kept} finished (model, fragment) result(s) are kept in {options.out / 'partials'}, rerun "
+            "the same command once there is room"
+            if partials_kept
+            else "no finished result could be saved either"
+        )
+        raise UserError(
+            f"{path}: cannot write ({e.strerror or e}): no new submission written; {kept}"
+        ) from None
+    return SubmissionResult(str(path), summary)
