@@ -6,7 +6,7 @@ Both sides run the same model (the centre pixel of each 32 x 32 cell averaged ov
 same synthetic fragment at stride 32 with scheduled TTA:
 - naive: the reference's way. The fragment is pre-cut into 32 x 32 float32 ``.npy`` patches on disk (as the team's
   notebook did); every window is assembled from its 64 patches, normalised, run, upsampled, un-flipped and added
-  at full resolution (``benchmarks/naive_loop.py``);
+  at full resolution (``tests/naive_loop.py``, shared with the tests);
 - engine: ``ink_infer.predict.predict_fragment`` reading the TIFF slices directly (streamed slabs, windows cut
   from the band, batched).
 Prints windows/s of each, their ratio (goal >= 5x), and how far the two probability maps and thresholded masks agree.
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.naive_loop import naive_predict, reference_patch, saved_patches  # noqa: E402
+from tests.naive_loop import naive_predict, reference_patch, saved_patches  # noqa: E402
 from ink_infer.config import ModelSpec  # noqa: E402
 from ink_infer.fragments import Fragment, Volume, load_mask  # noqa: E402
 from ink_infer.predict import predict_fragment  # noqa: E402

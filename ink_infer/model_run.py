@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import plan
 from .budget import BudgetSkip, EtaMonitor
 from .config import ModelSpec
 from .errors import DeviceError, ModelRunError, UserError
@@ -22,7 +23,7 @@ from .fragments import open_volume
 from .models import build_model
 from .models.checkpoint import load_weights, state_shapes
 from .partials import PartialStore
-from .plan import RANDOM_SEED, FragmentPlan, Unit, Weights
+from .plan import FragmentPlan, Unit, Weights
 from .predict import PredictStats, predict_fragment
 from .results import PARTIAL_REUSED, PARTIAL_SAVED, FragmentResult, ModelResult
 from .runtime import Runtime, gpu_peaks_gib, host_peak_gib
@@ -110,7 +111,7 @@ def load_model(
     """Build on CPU, load weights strictly (or seeded random init), move to the device in the run's dtype.
 
     Returns the model and what ``load_weights`` found (None for random init)."""
-    torch.manual_seed(RANDOM_SEED)
+    torch.manual_seed(plan.RANDOM_SEED)  # read here, so a test can set it (plan.RANDOM_SEED)
     model = build_model(spec)
     info = load_weights(model, path, spec) if path is not None else None
     return model.to(device=device, dtype=dtype).eval(), info
@@ -254,8 +255,8 @@ def _run_unit(
 ) -> tuple[np.ndarray, PredictStats]:
     """One unit through ``predict_fragment`` (in a dry run only a spread sample of its windows); ``windows_left``:
     this model's windows still to run, this unit's included (the budget check projects them)."""
-    plan = unit.fragment
-    origins, ops = plan.origins, plan.ops
+    frag = unit.fragment
+    origins, ops = frag.origins, frag.ops
     if options.dry_run:
         idx = spread_sample(len(origins), options.max_windows)
         origins, ops = origins[idx], ops[idx]
@@ -269,14 +270,14 @@ def _run_unit(
             )  # fmt: skip
 
     try:
-        with open_volume(plan.fragment) as volume:
+        with open_volume(frag.fragment) as volume:
             return predict_fragment(
-                model, unit.model, volume, plan.touched, origins, ops, device=runtime.device, dtype=runtime.dtype,
-                batch_size=batch_size, tta=options.tta, quiet=options.quiet, desc=f"{unit.model.name}/{plan.id}",
+                model, unit.model, volume, frag.touched, origins, ops, device=runtime.device, dtype=runtime.dtype,
+                batch_size=batch_size, tta=options.tta, quiet=options.quiet, desc=f"{unit.model.name}/{frag.id}",
                 on_batch=on_batch,
             )  # fmt: skip
     except OSError as e:  # the data went away or went bad mid-run: no model can read it
-        raise UserError(f"{plan.fragment.path}: cannot read ({e.strerror or e})") from None
+        raise UserError(f"{frag.fragment.path}: cannot read ({e.strerror or e})") from None
 
 
 def check_outputs(name: str, frag_id: str, frag: FragmentResult, *, limit: float = 1.0) -> list[str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.naive_loop import reference_patch
+from tests.naive_loop import reference_patch
 
 
 class ConstantModel(nn.Module):
@@ -21,7 +24,9 @@ class ConstantModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         self.seen += len(x)
-        return torch.full((len(x), 1, x.shape[-2] // 32, x.shape[-1] // 32), self.c, dtype=x.dtype)
+        return torch.full(
+            (len(x), 1, x.shape[-2] // 32, x.shape[-1] // 32), self.c, dtype=x.dtype, device=x.device
+        )
 
 
 class PooledInputModel(nn.Module):
@@ -35,10 +40,8 @@ class PooledInputModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = nn.functional.avg_pool2d(x.float().mean(1, keepdim=True), 32)
         s = pooled.shape[-1]
-        ramp = (
-            torch.arange(s, dtype=torch.float32).view(1, 1, 1, s)
-            - torch.arange(s, dtype=torch.float32).view(1, 1, s, 1) * 0.5
-        )
+        pos = torch.arange(s, dtype=torch.float32, device=x.device)
+        ramp = pos.view(1, 1, 1, s) - pos.view(1, 1, s, 1) * 0.5
         return (pooled + self.ramp * ramp).to(x.dtype)
 
 
@@ -91,3 +94,47 @@ class SampledInputModel(nn.Module):
         s = cells.shape[-1]
         ar = torch.arange(s, dtype=torch.float32)
         return (cells + self.ramp * (ar.view(1, 1, 1, s) - 0.5 * ar.view(1, 1, s, 1))).to(x.dtype)
+
+
+class Standin(nn.Module):
+    """Slice mean pooled to 1/32 plus a position ramp (input-dependent, not flip-symmetric), times one parameter
+    ``gain`` (so a checkpoint has a tensor to load), with faults to inject:
+
+    ``raise_after``: RuntimeError from that forward call on; ``nan``: NaN in the first window of every batch and inf
+    in the second (``"all"``: every window); ``oom_above``: CUDA out-of-memory for batches larger than that;
+    ``sleep``: seconds per call; ``signal_at``: send this process ``(signum, call)`` during that forward call.
+    """
+
+    def __init__(
+        self,
+        *,
+        raise_after: int | None = None,
+        nan: bool | str = False,
+        oom_above: int | None = None,
+        sleep: float = 0.0,
+        signal_at: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+        self.inner = PooledInputModel(ramp=0.3)
+        self.raise_after, self.nan, self.oom_above, self.sleep, self.signal_at = (
+            raise_after, nan, oom_above, sleep, signal_at,
+        )  # fmt: skip
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.oom_above is not None and len(x) > self.oom_above:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (stand-in, batch {len(x)})")
+        if self.raise_after is not None and self.calls > self.raise_after:
+            raise RuntimeError("stand-in exploded")
+        if self.signal_at is not None and self.calls == self.signal_at[1]:
+            os.kill(os.getpid(), self.signal_at[0])
+        time.sleep(self.sleep)
+        out = self.inner(x) * self.gain
+        if self.nan == "all":
+            out[:] = float("nan")
+        elif self.nan:
+            out[0] = float("nan")
+            out[1:2] = float("inf")
+        return out

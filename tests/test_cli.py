@@ -8,45 +8,13 @@ failing models, a full disk, signals and resume are in test_faults.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import cv2
 import pytest
 
 from ink_infer.rle import read_submission, rle_decode
 from ink_infer.submit import main
-from ink_infer.synthetic import write_dataset
-
-SMALL_MODELS = {
-    "format": 1,
-    "name": "test-small",
-    "threshold": {"percentile": 0.93, "region": "covered"},
-    "models": [
-        {"name": "m25d", "arch": "2.5d", "backbone": "resnet10t", "in_chans": 4, "num_3d_layer": 1,
-         "z_range": [24, 40], "tile": 128, "file": None, "sha256": None},
-        {"name": "m3d", "arch": "csn3d", "stage_blocks": [1, 1, 1, 1], "in_chans": 1, "z_range": [24, 40],
-         "tile": 192, "crop": 128, "file": None, "sha256": None},
-    ],
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    # odd sizes, and a sample order that is not sorted
-    return write_dataset(root, test=[("b", 215, 343), ("a", 161, 290)], seed=5)
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("manifest") / "m.json"
-    path.write_text(json.dumps(SMALL_MODELS))
-    return path
-
-
-def run_cli(data: Path, out: Path, manifest: Path, *extra: str) -> int:
-    argv = ["--data", str(data), "--out", str(out), "--manifest", str(manifest), "--allow-random-weights"]
-    return main([*argv, "--stride", "64", "--quiet", *extra])
+from tests.helpers import SMALL_MODELS, run_cli
 
 
 def test_submission_has_the_fragments_shapes_rows_and_ink_inside_the_mask(
@@ -103,3 +71,60 @@ def test_entry_without_weights_needs_the_flag(dataset, manifest, tmp_path, capsy
     argv = ["--data", str(dataset), "--out", str(tmp_path / "o"), "--manifest", str(manifest), "--quiet"]
     assert main(argv) == 2
     assert "--allow-random-weights" in capsys.readouterr().err
+
+
+# --- threshold overrides and provenance, over the reference run's partials (stand-ins: nothing is recomputed) -----
+
+
+def frag_outputs(out) -> dict:
+    return json.loads((out / "report.json").read_text())["submission"]["fragments"]
+
+
+def mask_pixels(data, frag_id: str) -> int:
+    return int((cv2.imread(str(data / "test" / frag_id / "mask.png"), cv2.IMREAD_GRAYSCALE) > 0).sum())
+
+
+def test_threshold_override_sets_the_quantile_and_keeps_the_manifest_region(
+    data, manifest, reference, tmp_path
+):
+    import shutil
+
+    out = shutil.copytree(reference, tmp_path / "out")
+    base = frag_outputs(reference)
+    assert run_cli(data, out, manifest, "--threshold", "0.5") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["threshold"] == {"percentile": 0.5, "region": "covered"}
+    assert (
+        len(report["partials"]["reused"]) == 4
+    )  # the threshold is applied after the units: nothing recomputed
+    for frag_id, f in frag_outputs(out).items():
+        h, w = report["fragments"][frag_id]["shape"]
+        assert f["region_pixels"] == base[frag_id]["region_pixels"]
+        # ink: the pixels above the region's median (ink only inside the region)
+        assert f["ink_fraction"] * h * w == pytest.approx(0.5 * f["region_pixels"], rel=0.02)
+        assert base[frag_id]["ink_fraction"] * h * w == pytest.approx(0.07 * f["region_pixels"], rel=0.1)
+        assert f["threshold"] < base[frag_id]["threshold"]
+
+
+def test_threshold_region_override_thresholds_over_the_whole_mask(data, manifest, reference, tmp_path):
+    import shutil
+
+    out = shutil.copytree(reference, tmp_path / "out")
+    assert run_cli(data, out, manifest, "--threshold-region", "mask") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["threshold"] == {"percentile": 0.93, "region": "mask"}  # the manifest's percentile kept
+    for frag_id, f in frag_outputs(out).items():
+        h, w = report["fragments"][frag_id]["shape"]
+        assert f["region_pixels"] == mask_pixels(data, frag_id)
+        assert f["ink_fraction"] * h * w == pytest.approx(0.07 * f["region_pixels"], rel=0.1)
+
+
+def test_report_records_the_resolved_options_and_the_manifest_hash(data, manifest, reference):
+    from ink_infer.manifest import sha256_file
+
+    report = json.loads((reference / "report.json").read_text())
+    assert report["manifest_sha256"] == sha256_file(manifest)
+    opts = report["options"]
+    assert opts["stride"] == 64 and opts["tta"] == "scheduled" and opts["allow_random_weights"] is True
+    assert opts["manifest"] == str(manifest) and opts["data"] == str(data) and opts["fresh"] is False
+    assert opts["budget"] == {"hours": 9.0, "host_mem_gb": 13.0, "gpu_mem_gb": 16.0, "safety_margin": 0.1}

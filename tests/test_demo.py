@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-import ink_infer.model_run
+import ink_infer.plan
 from ink_infer.manifest import DEMO_MANIFEST, load_manifest
 from ink_infer.submit import DEMO_SEED, demo_scores, main
 
 TRAIN_SEED = 7  # README: the demo checkpoints were trained on `python -m ink_infer.synthetic ... --seed 7`
-RANDOM_SEEDS = (
-    0,
-    1,
-    2,
-)  # one random init can land a blob on a letter by chance: judge random weights on average
+RANDOM_SEEDS = (0, 1, 2)  # one random init can land a blob on a letter by chance: judge random weights on average
+# Random weights run at stride 64 (a quarter of the windows of the demo's 32): what they lack is knowledge of ink,
+# which no denser sampling of the same maps gives them; the threshold still marks the same 7 % of the region.
+RANDOM_STRIDE = "64"
 
 
 def test_demo_fragments_are_held_out_and_the_checkpoints_ship() -> None:
@@ -70,10 +69,10 @@ def test_random_weights_do_not(demo_out: Path, tmp_path: Path, monkeypatch: pyte
     data = demo_out / "demo_data" / "vesuvius-challenge-ink-detection"  # the same fragments
     runs = []
     for seed in RANDOM_SEEDS:
-        monkeypatch.setattr(ink_infer.model_run, "RANDOM_SEED", seed)
+        monkeypatch.setattr(ink_infer.plan, "RANDOM_SEED", seed)  # the init and the partials key
         out = tmp_path / f"seed{seed}"
         argv = ["--data", str(data), "--manifest", str(path), "--out", str(out), "--allow-random-weights"]
-        assert main([*argv, "--quiet", "--no-previews"]) == 0
+        assert main([*argv, "--stride", RANDOM_STRIDE, "--quiet", "--no-previews"]) == 0
         runs.append(demo_scores(data, out))
     for frag_id in ("a", "b"):
         mean = sum(run[frag_id] for run in runs) / len(runs)

@@ -5,19 +5,17 @@ Policy under test: a user error exits 2 with one line; a failing model is skippe
 finished (model, fragment) result is kept in OUT/partials, and a rerun resumes to a byte-identical submission.
 
 The CLI runs in-process (``submit.main``) except where a real signal must reach a real process. Models are the
-analytic stand-ins below, swapped in for ``model_run.build_model`` (the real small models run in test_cli.py), so
+analytic stand-ins of tests/standins.py, swapped in for ``model_run.build_model`` (the real small models run in test_cli.py), so
 each run takes about a second and faults can be injected exactly where wanted.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,146 +26,31 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from torch import nn
 
 from ink_infer import model_run
-from ink_infer.config import ModelSpec
 from ink_infer.manifest import sha256_file
-from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
 from ink_infer.rle import read_submission, rle_decode
 from ink_infer.stop import Interrupted, StopRequest
 from ink_infer.submit import main
 from ink_infer.synthetic import write_dataset
-from tests.standins import PooledInputModel
-from tests.test_cli import SMALL_MODELS
+from tests.helpers import (
+    SHAPES,
+    assert_valid_submission,
+    leftovers,
+    model,
+    one_error_line,
+    report_of,
+    run_cli,
+    write_manifest,
+)
+from tests.standins import Standin
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"b": (150, 220), "a": (120, 170)}  # sample_submission order b, a: not sorted
-
-
-class Standin(nn.Module):
-    """Slice mean pooled to 1/32 plus a position ramp (input-dependent, not flip-symmetric), times one parameter
-    ``gain`` (so a checkpoint has a tensor to load), with faults to inject:
-
-    ``raise_after``: RuntimeError from that forward call on; ``nan``: NaN in the first window of every batch and inf
-    in the second (``"all"``: every window); ``oom_above``: CUDA out-of-memory for batches larger than that;
-    ``sleep``: seconds per call; ``signal_at``: send this process ``(signum, call)`` during that forward call.
-    """
-
-    def __init__(
-        self,
-        *,
-        raise_after: int | None = None,
-        nan: bool | str = False,
-        oom_above: int | None = None,
-        sleep: float = 0.0,
-        signal_at: tuple[int, int] | None = None,
-    ) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.ones(1))
-        self.inner = PooledInputModel(ramp=0.3)
-        self.raise_after, self.nan, self.oom_above, self.sleep, self.signal_at = (
-            raise_after, nan, oom_above, sleep, signal_at,
-        )  # fmt: skip
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.oom_above is not None and len(x) > self.oom_above:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (stand-in, batch {len(x)})")
-        if self.raise_after is not None and self.calls > self.raise_after:
-            raise RuntimeError("stand-in exploded")
-        if self.signal_at is not None and self.calls == self.signal_at[1]:
-            os.kill(os.getpid(), self.signal_at[0])
-        time.sleep(self.sleep)
-        out = self.inner(x) * self.gain
-        if self.nan == "all":
-            out[:] = float("nan")
-        elif self.nan:
-            out[0] = float("nan")
-            out[1:2] = float("inf")
-        return out
 
 
 def install_standins(faults: dict[str, dict]) -> None:
     """Make the pipeline build stand-ins (with ``faults[model name]``); for the subprocess driver."""
     model_run.build_model = lambda spec: Standin(**faults.get(spec.name, {}))
-
-
-@pytest.fixture
-def standins(monkeypatch) -> dict[str, dict]:
-    """Stand-in models for this test; set ``standins[name] = {...}`` to inject faults into one model."""
-    faults: dict[str, dict] = {}
-    monkeypatch.setattr(model_run, "build_model", lambda spec: Standin(**faults.get(spec.name, {})))
-    return faults
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data"), test=[(k, *v) for k, v in SHAPES.items()], seed=5)
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("manifest") / "m.json"
-    path.write_text(json.dumps(SMALL_MODELS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(data, manifest, tmp_path_factory) -> Path:
-    """OUT of an uninterrupted run (partials included), with every socket connection refused: none is made."""
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("ink_infer opened a network connection")
-
-    out = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model_run, "build_model", lambda spec: Standin())
-        mp.setattr(socket.socket, "connect", no_network)
-        mp.setattr(socket, "create_connection", no_network)
-        assert run_cli(data, out, manifest) == 0
-    return out
-
-
-def run_cli(data: Path, out: Path, manifest: Path, *extra: str) -> int:
-    argv = ["--data", str(data), "--out", str(out), "--manifest", str(manifest), "--allow-random-weights"]
-    return main([*argv, "--stride", "64", "--quiet", *extra])
-
-
-def one_error_line(capsys) -> str:
-    """The run's stderr, which must be exactly one ``error: ...`` line (logging goes to pytest, not stderr)."""
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
-def report_of(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
-
-
-def model(report: dict, name: str) -> dict:
-    return next(m for m in report["models"] if m["name"] == name)
-
-
-def assert_valid_submission(out: Path) -> dict[str, str]:
-    rows = dict(read_submission(out / "submission.csv"))
-    assert list(rows) == list(SHAPES)
-    for frag_id, rle in rows.items():
-        rle_decode(rle, SHAPES[frag_id])  # raises on a malformed or out-of-range run
-    return rows
-
-
-def leftovers(out: Path) -> list[str]:
-    """Temporary files an atomic write left behind (there must be none)."""
-    return [p.name for p in out.rglob(".*") if ".tmp" in p.name]
-
-
-def write_manifest(path: Path, change) -> Path:
-    m = json.loads(json.dumps(SMALL_MODELS))
-    change(m)
-    path.write_text(json.dumps(m))
-    return path
 
 
 # --- bad input: exit 2, one line naming the file, nothing written ---------------------------------------------
@@ -234,19 +117,6 @@ def test_unwritable_out_exits_2(data, manifest, tmp_path, capsys):
     blocker.write_text("x")
     assert run_cli(data, blocker / "out", manifest) == 2
     assert "--out is not writable" in one_error_line(capsys)
-
-
-@pytest.fixture
-def weights_dir(tmp_path) -> tuple[Path, Path, ModelSpec]:
-    """``tmp/weights/m25d.ckpt``: a Lightning-layout checkpoint of the stand-in (gain 2), and its spec."""
-    raw = SMALL_MODELS["models"][0]
-    spec = ModelSpec(name=raw["name"], arch=raw["arch"], in_chans=raw["in_chans"], z_range=tuple(raw["z_range"]),
-                     tile=raw["tile"], backbone=raw["backbone"], num_3d_layer=raw["num_3d_layer"])  # fmt: skip
-    standin = Standin()
-    standin.gain.data.fill_(2.0)
-    path = tmp_path / "weights" / "m25d.ckpt"
-    save_checkpoint(standin, path, hyper_parameters_for(spec))
-    return tmp_path / "weights", path, spec
 
 
 @pytest.mark.parametrize(

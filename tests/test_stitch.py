@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.naive_loop import naive_predict
 from ink_infer.config import ModelSpec
 from ink_infer.predict import predict_fragment
 from ink_infer.stitch import covered_mask, finalize
 from ink_infer.threshold import binarize
 from ink_infer.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
+from tests.naive_loop import naive_predict
 from tests.standins import ArrayVolume, ConstantModel, PooledInputModel, blob_mask, random_volume
 
 CPU = torch.device("cpu")
@@ -190,7 +190,7 @@ def test_remainder_rows_and_columns_are_covered_with_the_reference_counts(tile, 
 def test_model_input_is_the_float16_rounded_raw_normalised():
     """Every window the model sees is ``float16(raw / 65535)`` (the notebook's cell 5), zero outside the blocks the
     reference saved, normalised with the window's mean and unbiased std + 1e-6: at an edge window and inside."""
-    from benchmarks.naive_loop import reference_patch
+    from tests.naive_loop import reference_patch
 
     class Recorder(ConstantModel):
         def __init__(self):
@@ -288,3 +288,35 @@ def test_every_batch_of_a_pass_reuses_one_window_buffer(monkeypatch):
     big = buf.get((4, 2, 32, 32), torch.device("cpu"))
     assert buf.get((3, 2, 32, 32), torch.device("cpu")).data_ptr() == big.data_ptr()
     assert buf.get((5, 2, 32, 32), torch.device("cpu")).shape == (5, 2, 32, 32)  # grows when needed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tta", ["scheduled", "full"])
+def test_the_cuda_engine_gives_the_cpu_engine_sums(dtype, tta):
+    """The CUDA branches (table look-up on the device, copy stream, fused affine, padded batches) against the CPU's:
+    float32 to float32 rounding; float16, the reference's model dtype, to its precision on a smooth model."""
+    h, w = 233, 301
+    mask = blob_mask(h, w, seed=3)
+    vol = ArrayVolume(random_volume(h, w, seed=4))
+    spec = ModelSpec(name="p", arch="2.5d", in_chans=1, z_range=(20, 30), tile=128)
+    touched = touched_blocks(mask)
+    origins = window_origins(touched)
+    ops = tta_ops(len(origins), mode=tta)
+    run = dict(tta=tta, batch_size=5, rows_per_band=3)
+    cpu, _ = predict_fragment(
+        PooledInputModel(ramp=0.3), spec, vol, touched, origins, ops, device=CPU, dtype=torch.float32, **run
+    )
+    cuda, stats = predict_fragment(
+        PooledInputModel(ramp=0.3),
+        spec,
+        vol,
+        touched,
+        origins,
+        ops,
+        device=torch.device("cuda"),
+        dtype=dtype,
+        **run,
+    )
+    assert stats.windows == len(origins) and stats.nonfinite_windows == 0
+    np.testing.assert_allclose(cuda, cpu, atol=1e-5 if dtype == torch.float32 else 3e-3)

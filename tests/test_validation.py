@@ -1,8 +1,7 @@
 """Fail early, fail clearly: every malformed input a hostile user tried is refused at the start with exit 2 and one
 line naming the field, option or file, and no submission is left (or the previous one is); the fault policy
-skips a model only for what a model can cause. Stand-in models and data come from test_faults.py."""
+skips a model only for what a model can cause. Stand-in models and data come from conftest.py."""
 
-# ruff: noqa: F811 - the fixtures imported from test_faults are parameters of the tests here
 from __future__ import annotations
 
 import json
@@ -21,20 +20,16 @@ from ink_infer.manifest import sha256_file
 from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
 from ink_infer.rle import read_submission
 from ink_infer.submit import main
-from tests.test_faults import (  # noqa: F401 - fixtures
+from tests.helpers import (
     SHAPES,
-    Standin,
     assert_valid_submission,
-    data,
-    manifest,
     model,
     one_error_line,
     report_of,
     run_cli,
-    standins,
-    weights_dir,
     write_manifest,
 )
+from tests.standins import Standin
 
 
 def refused(code: int, capsys, out: Path, needle: str, *, previous: bytes | None = None) -> str:

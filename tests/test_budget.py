@@ -1,0 +1,83 @@
+"""The dry run's arithmetic and the budget check, on hand-built results: a projection's rate leaves out each
+fragment's warm-up batch, scaled sizes follow the mask's share of the grid and the stride, verdicts add hours
+over models and take the largest memory peak, and the ETA check fires once per pass, after the warm-up."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ink_infer.budget import WARMUP_BATCHES, BudgetSkip, EtaMonitor, project, verdicts
+from ink_infer.config import Budget
+from ink_infer.results import FragmentResult, ModelResult, Projection
+
+
+def result(name: str, fragments: dict, status: str = "ok", **kw) -> ModelResult:
+    return ModelResult(name, "2.5d", status, fragments=fragments, **kw)
+
+
+def test_projection_leaves_out_the_warm_up_batch_and_scales_by_mask_share_and_stride():
+    m = result("m", {
+        "a": FragmentResult(windows=40, seconds=5.0, batch_size=8, first_batch_s=1.0),  # (5 - 1) s / 32 windows
+        "b": FragmentResult(windows=4, seconds=0.6, batch_size=8, first_batch_s=0.6),  # one batch: all counted
+    })  # fmt: skip
+    p = project(m, total_windows=3600, grid_blocks=200, touched_blocks=50, stride=64, scale_to=[(3200, 6400)])
+    rate = (4.0 + 0.6) / (32 + 4)
+    assert p.s_per_window == pytest.approx(rate)
+    assert p.projected_hours == pytest.approx(rate * 3600 / 3600)
+    # a 3200 x 6400 fragment: 100 x 200 blocks, a quarter of them in the mask, one window per 2 x 2 blocks
+    assert p.projected_hours_scaled == {"3200x6400": pytest.approx(rate * 0.25 * 100 * 200 / 4 / 3600)}
+
+
+def test_a_model_with_no_windows_projects_zero():
+    p = project(result("m", {"a": FragmentResult()}), total_windows=0, grid_blocks=0, touched_blocks=0, stride=32,
+                scale_to=[(64, 64)])  # fmt: skip
+    assert p.s_per_window == 0.0 and p.projected_hours == 0.0 and p.projected_hours_scaled == {"64x64": 0.0}
+
+
+def test_verdicts_add_hours_over_models_take_the_largest_peak_and_name_the_models_that_did_not_run():
+    def projected(hours: float, scaled: float) -> Projection:
+        return Projection(
+            s_per_window=0.1, projected_hours=hours, projected_hours_scaled={"8181x6330": scaled}
+        )
+
+    models = [
+        result("a", {}, projection=projected(3.0, 4.0), gpu_peak_gib={"allocated": 5.0, "reserved": 9.0},
+               host_peak_gib=2.0),
+        result("b", {}, projection=projected(4.0, 4.5), gpu_peak_gib={"allocated": 6.0, "reserved": 12.5},
+               host_peak_gib=3.5),
+        result("c", {}, status="failed", projection=None, host_peak_gib=20.0),  # not counted, but named
+    ]  # fmt: skip
+    v = verdicts(models, Budget(hours=9.0, host_mem_gb=13.0, gpu_mem_gb=12.0, safety_margin=0.1))
+    assert v.hours == pytest.approx(7.0) and v.hours_verdict == "fits"  # 7 h <= 9 h * 0.9
+    assert v.budget_hours_after_margin == pytest.approx(8.1)
+    assert v.hours_scaled["8181x6330"].hours == pytest.approx(8.5)
+    assert v.hours_scaled["8181x6330"].verdict == "OVER"  # 8.5 h > 8.1 h
+    assert v.gpu_peak_gib == 12.5 and v.gpu_verdict == "OVER"  # reserved, against --gpu-mem-gb 12
+    assert v.host_peak_gib == 3.5 and v.host_verdict == "fits"  # the failed model's 20 GiB is not a verdict
+    assert v.models_not_ok == ["c"]
+
+
+def test_verdicts_without_a_gpu_say_so():
+    v = verdicts([result("a", {}, projection=Projection(0.1, 1.0, {}), host_peak_gib=1.0)], Budget())
+    assert v.gpu_peak_gib is None and v.gpu_verdict.startswith("n/a")
+
+
+def test_the_eta_check_fires_once_per_pass_after_the_warm_up_and_projects_what_is_left():
+    eta = EtaMonitor(time.perf_counter() + 60)  # one minute left
+    eta.check(30, "by its probe")  # fits
+    with pytest.raises(BudgetSkip, match="by its probe to end"):
+        eta.check(120, "by its probe")
+    # 1 s per window so far, 100 windows left: 100 s > 60 s, but only judged at the end of the warm-up
+    for batches in range(1, WARMUP_BATCHES):
+        eta.after_batch(batches=batches, windows=batches, seconds=batches, windows_left=100)
+    with pytest.raises(BudgetSkip, match="at its rate"):
+        eta.after_batch(batches=WARMUP_BATCHES, windows=4, seconds=4.0, windows_left=100)
+    eta.after_batch(batches=WARMUP_BATCHES + 1, windows=5, seconds=5.0, windows_left=100)  # not judged again
+    eta.after_batch(batches=WARMUP_BATCHES, windows=4, seconds=0.4, windows_left=100)  # 10 s left: fits
+
+
+def test_the_budget_deadline_keeps_the_safety_margin_back():
+    eta = EtaMonitor.for_budget(Budget(hours=1.0, safety_margin=0.25), t0=100.0)
+    assert eta.deadline == pytest.approx(100.0 + 2700.0)
