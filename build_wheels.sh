@@ -141,14 +141,14 @@ for name in dict.fromkeys(required + demo + modules):
 for name in names:
     parts = PurePosixPath(name).parts
     top = parts[0]
-    if top in ("tests", "benchmarks") or "tests" in parts or parts[-1] == "train.py":
+    if top in ("tests", "benchmarks", "training") or "tests" in parts or parts[-1] == "train.py":
         problems.append(f"must not ship {name}")
     elif top != "ink_infer" and not top.endswith(".dist-info"):
         problems.append(f"unexpected top-level entry {name}")
 for p in problems:
     print(f"  {wheel.name}: {p}", file=sys.stderr)
 print(f"  {len(names)} entries: the package, {len(demo)} demo file(s) ({', '.join(demo)}); "
-      "no tests/, benchmarks/, train.py")
+      "no tests/, benchmarks/, training/, train.py")
 sys.exit(1 if problems else 0)
 EOF
 
