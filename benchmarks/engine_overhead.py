@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.naive_loop import naive_predict, reference_patch, saved_patches  # noqa: E402
 from ink_infer.config import ModelSpec  # noqa: E402
 from ink_infer.fragments import Fragment, Volume, load_mask  # noqa: E402
 from ink_infer.predict import predict_fragment  # noqa: E402
@@ -33,6 +32,7 @@ from ink_infer.stitch import finalize  # noqa: E402
 from ink_infer.synthetic import write_dataset  # noqa: E402
 from ink_infer.threshold import binarize  # noqa: E402
 from ink_infer.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins  # noqa: E402
+from tests.naive_loop import naive_predict, reference_patch, saved_patches  # noqa: E402
 from tests.standins import SampledInputModel  # noqa: E402
 
 

@@ -13,7 +13,11 @@ from ink_infer.manifest import DEMO_MANIFEST, load_manifest
 from ink_infer.submit import DEMO_SEED, demo_scores, main
 
 TRAIN_SEED = 7  # README: the demo checkpoints were trained on `python -m ink_infer.synthetic ... --seed 7`
-RANDOM_SEEDS = (0, 1, 2)  # one random init can land a blob on a letter by chance: judge random weights on average
+RANDOM_SEEDS = (
+    0,
+    1,
+    2,
+)  # one random init can land a blob on a letter by chance: judge random weights on average
 # Random weights run at stride 64 (a quarter of the windows of the demo's 32): what they lack is knowledge of ink,
 # which no denser sampling of the same maps gives them; the threshold still marks the same 7 % of the region.
 RANDOM_STRIDE = "64"
