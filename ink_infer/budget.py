@@ -67,12 +67,15 @@ def project(
     )
 
 
-def verdicts(models: Sequence[ModelResult], budget: Budget) -> Verdicts:
+def verdicts(
+    models: Sequence[ModelResult], budget: Budget, *, makespan_hours: float | None = None
+) -> Verdicts:
     """Does the full run of the models that ran fit the time, GPU and host budgets (for each projected size)?
 
-    Hours add up over models (they run one after the other); memory is the largest peak of any one model."""
+    Hours add up over models (they run one after the other) unless ``makespan_hours`` gives the longest share of
+    several devices; memory is the largest peak of any one model."""
     ok = [m for m in models if m.status == "ok" and m.projection is not None]
-    hours = sum(m.projection.projected_hours for m in ok)
+    hours = sum(m.projection.projected_hours for m in ok) if makespan_hours is None else makespan_hours
     sizes = ok[0].projection.projected_hours_scaled if ok else {}
     scaled = {size: sum(m.projection.projected_hours_scaled.get(size, 0.0) for m in ok) for size in sizes}
     gpus = [m.gpu_peak_gib["reserved"] for m in ok if m.gpu_peak_gib]

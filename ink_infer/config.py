@@ -129,13 +129,20 @@ class RunConfig:
     max_nonfinite: float = (
         0.01  # fraction of a fragment's windows that may give NaN/inf (zeroed) before a model fails
     )
+    devices: tuple[str, ...] = ()  # several: one worker process per device (--devices); empty: --device alone
+    unit_windows: int = 16384  # a fragment with more windows is split into row ranges of at most this many
+    num_parts: int = 1  # --num-parts / --part-id: compute one part of the units (array jobs), no outputs
+    part_id: int = 0
+    merge_only: bool = False  # build the outputs from the partials of every part; compute nothing
 
     def __post_init__(self) -> None:
         from .schema import CLI_NUMBERS, Invalid, check_field
 
         numbers = {"--stride": self.stride, "--max-windows": self.max_windows, "--batch-size": self.batch_size,
                    "--budget-hours": self.budget.hours, "--host-mem-gb": self.budget.host_mem_gb,
-                   "--gpu-mem-gb": self.budget.gpu_mem_gb, "--max-nonfinite": self.max_nonfinite}  # fmt: skip
+                   "--gpu-mem-gb": self.budget.gpu_mem_gb, "--max-nonfinite": self.max_nonfinite,
+                   "--unit-windows": self.unit_windows, "--num-parts": self.num_parts,
+                   "--part-id": self.part_id}  # fmt: skip
         try:
             for option, value in numbers.items():
                 if value is not None or option != "--batch-size":  # None: chosen from the device
@@ -146,3 +153,13 @@ class RunConfig:
             raise UserError(f"--tta {self.tta!r}: expected none, scheduled or full")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device {self.device!r}: expected auto, cpu or cuda")
+        if self.part_id >= self.num_parts:
+            raise UserError(
+                f"--part-id {self.part_id}: expected 0 .. {self.num_parts - 1} (--num-parts {self.num_parts})"
+            )
+        if self.num_parts > 1 and (self.devices or self.merge_only):
+            raise UserError(
+                "--num-parts: one part per process; use it without --devices and without --merge-only"
+            )
+        if self.num_parts > 1 and self.dry_run:
+            raise UserError("--num-parts: a dry run projects the whole run; use it without --num-parts")

@@ -227,6 +227,7 @@ def _compute(
             )
             windows_left -= unit.windows
             frag = fragment_result(stats)
+            frag.device = str(runtime.device)
             result.fragments[unit.fragment.id] = frag
             result.warnings.extend(
                 check_outputs(spec.name, unit.fragment.id, frag, limit=options.max_nonfinite)

@@ -8,7 +8,8 @@ random-init seed), the fragment (id, shape, mask, and the slice files' names, si
 device type and dtype, and the ink_infer / torch / timm versions. A rerun of the same command loads what is there instead of computing it; a file whose key differs is
 never used, and is replaced when the new result is saved, so there is at most one file per (model, fragment).
 
-Only the 32 x 32 blocks that some window covers are stored (``finalize`` ignores every other pixel), as float32:
+Only the 32 x 32 blocks that some window covers are stored (``finalize`` ignores every other pixel), as the
+fixed-point sums of ``stitch.SumMap`` in int32 (int64 when a sum does not fit, past 127 windows per pixel):
 at most 4 bytes per pixel of the fragment per model, in an uncompressed ``.npz`` read back with
 ``allow_pickle=False`` (nothing in it is unpickled). Compressing the sum map gained little (its float mantissas are
 noise to zlib) and cost seconds per map.
@@ -34,6 +35,7 @@ from .tiling import blocks_of, image_of
 
 log = logging.getLogger(__name__)
 
+STORED = (np.dtype(np.int32), np.dtype(np.int64))  # the dtypes a partial's sums are stored in
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -52,7 +54,7 @@ class PartialStore:
         return self.root / f"{_UNSAFE.sub('_', model)}.{_UNSAFE.sub('_', fragment)}.{tag}.npz"
 
     def load(self, unit: Unit) -> tuple[np.ndarray | None, FragmentResult | None, str | None]:
-        """``(sum map (ch*32, cw*32) float32, the unit's result saved with it, None)`` when a partial with the unit's
+        """``(fixed-point sum map (ch*32, cw*32) int64, the unit's result saved with it, None)`` when a partial with the unit's
         key is there; else ``(None, None, why)`` where ``why`` is None when there is simply no file."""
         digest, _ = unit.key(self.settings)
         covered = unit.count() > 0
@@ -69,9 +71,22 @@ class PartialStore:
             log.warning("%s: unreadable partial, recomputing it (%s)", path, e)
             return None, None, f"unreadable ({type(e).__name__})"
         shape = (int(covered.sum()), BLOCK, BLOCK)
-        if not np.array_equal(saved_covered, covered) or values.dtype != np.float32 or values.shape != shape:
+        if not np.array_equal(saved_covered, covered) or values.dtype not in STORED or values.shape != shape:
             return None, None, "does not match the fragment's windows"
-        return image_of(values, covered), FragmentResult.from_dict(meta.get("stats", {})), None
+        return (
+            image_of(values.astype(np.int64), covered),
+            FragmentResult.from_dict(meta.get("stats", {})),
+            None,
+        )
+
+    def has(self, unit: Unit) -> bool:
+        """Whether the unit's partial is there with its key (only the key is read, not the blocks)."""
+        digest, _ = unit.key(self.settings)
+        try:
+            with np.load(self.path(unit.model.name, unit.fragment.id), allow_pickle=False) as z:
+                return json.loads(str(z["meta"][()])).get("digest") == digest
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return False
 
     def save(self, unit: Unit, sum_map: np.ndarray, result: FragmentResult) -> str | None:
         """Write the unit's partial atomically; returns None, or why it could not be saved.
@@ -88,7 +103,9 @@ class PartialStore:
             "key": key,
             "stats": stats,
         }
-        values = blocks_of(sum_map, covered).astype(np.float32, copy=False)
+        values = blocks_of(sum_map, covered)
+        if values.size and values.max() <= np.iinfo(np.int32).max and values.min() >= 0:
+            values = values.astype(np.int32)  # half the bytes: up to 127 windows of probability 1 per pixel
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write(

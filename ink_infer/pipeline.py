@@ -28,6 +28,8 @@ import dataclasses
 import logging
 import time
 
+import numpy as np
+
 from .budget import EtaMonitor, project, verdicts
 from .config import RunConfig
 from .ensemble import FragmentEnsemble
@@ -37,11 +39,31 @@ from .manifest import load_manifest, sha256_file
 from .model_run import ModelRunOptions, RunEnded, run_model
 from .outputs import OutputOptions, write_outputs
 from .partials import PartialStore
-from .plan import FragmentPlan, UnitSettings, model_count, plan_fragment
+from .plan import FragmentPlan, Unit, UnitSettings, assign, model_count, plan_run
 from .preflight import check_free_space, check_stride, check_weights, prepare_out
-from .results import FragmentPlanned, Interruption, PartialsSummary, RunReport, write_report
-from .runtime import Runtime, environment, start_runtime
+from .results import (
+    PARTIAL_REUSED,
+    PARTIAL_SAVED,
+    FragmentPlanned,
+    Interruption,
+    PartialsSummary,
+    PartReport,
+    RunReport,
+    write_report,
+)
+from .runtime import Runtime, environment, resolve_devices, start_runtime, torchrun_rank
 from .stop import Interrupted, StopRequest, signal_name
+from .workers import (
+    WorkerInputs,
+    WorkerJob,
+    compute_share,
+    failed_models,
+    part_path,
+    plan_shares,
+    read_parts,
+    run_workers,
+    worker_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +88,10 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
     ``UserError`` (bad input, outputs that cannot be written), ``ModelRunError`` (no model finished, or one failed
     under ``--on-model-error fail``), ``DeviceError`` and ``stop.Interrupted`` (SIGTERM / SIGINT); report.json
     records each.
+
+    Executors: this process alone (the default); one spawned worker per ``--devices`` entry; one torchrun rank; one
+    ``--part-id`` of ``--num-parts``. Each computes its share of the units into partials (``workers.py``); the
+    outputs are then built by one process from the partials (``--merge-only``: from partials alone).
     """
     t0 = time.perf_counter()
     prepare_out(cfg.out)
@@ -73,30 +99,65 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
     check_stride(cfg.stride, manifest)
     threshold = cfg.threshold or manifest.threshold
     fragments, warnings = find_fragments(cfg.data)
-    plans = [plan_fragment(f, stride=cfg.stride, tta=cfg.tta) for f in fragments]
+    plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
     disk = check_free_space(cfg.out, plans, manifest, dry_run=cfg.dry_run)
     weights = check_weights(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
-    runtime = start_runtime(cfg.device, gpu_mem_gb=cfg.budget.gpu_mem_gb)
+    rank = torchrun_rank()
+    devices = resolve_devices(cfg.devices) if cfg.devices else []
+    if rank is not None and (cfg.devices or cfg.num_parts > 1 or cfg.merge_only):
+        raise UserError(
+            "under torchrun each rank is one part: use it without --devices, --num-parts, --merge-only"
+        )
+    runtime = start_runtime(_own_device(cfg, devices, rank), gpu_mem_gb=cfg.budget.gpu_mem_gb)
     for p in plans:
         warnings.extend(p.notes)
     for w in warnings:
         log.warning(w)
     report = RunReport(
-        status="running", mode="dry-run" if cfg.dry_run else "submit", manifest=str(manifest.path),
+        status="running", mode=_mode(cfg, rank), manifest=str(manifest.path),
         manifest_sha256=sha256_file(manifest.path), data=str(cfg.data), options=resolved_options(cfg, fresh=fresh),
         stride=cfg.stride, tta=cfg.tta, threshold=dataclasses.asdict(threshold),
         environment=environment(runtime.device), gpu_memory_fraction=runtime.gpu_memory_fraction, disk=disk,
         warnings=warnings, fragments={p.id: FragmentPlanned(list(p.shape), len(p.origins)) for p in plans},
         partials=PartialsSummary(dir=None if cfg.dry_run else str(cfg.out / "partials"), fresh=fresh),
     )  # fmt: skip
+    report_path = cfg.out / "report.json"
+    models = [(spec, weights[spec.name]) for spec in manifest.models]
     with StopRequest() as stop:
         try:
+            elsewhere = Elsewhere()
+            if cfg.dry_run:
+                pass  # a dry run samples every model here; --devices only changes its projection (the makespan)
+            elif cfg.num_parts > 1 or rank is not None:
+                n, i = (rank.world_size, rank.rank) if rank else (cfg.num_parts, cfg.part_id)
+                report_path = part_report_path(cfg, n, i, rank)
+                part = _compute_part(cfg, models, items, runtime, stop, t0, n, i, rank, fresh=fresh)
+                if rank is None or rank.rank != 0:
+                    report.parts = [part]
+                    for m in part.models:
+                        report.add_model(m)
+                    report.status = "ok"
+                    write_report(report_path, report, t0, final=True)
+                    return report
+                report_path = cfg.out / "report.json"  # rank 0 merges every rank's units
+                elsewhere = Elsewhere.from_parts(read_parts(cfg.out))
+                report.parts = elsewhere.parts
+            elif len(devices) > 1:
+                elsewhere = _compute_on_workers(
+                    cfg, models, items, devices, runtime, report, stop, t0, fresh=fresh
+                )
+            if cfg.merge_only:
+                elsewhere = Elsewhere.from_parts(read_parts(cfg.out))
+                report.parts = elsewhere.parts
+                _check_merge(models, items, runtime, cfg, elsewhere)
             ensembles = _run_models(
-                cfg, manifest.models, weights, plans, runtime, report, stop, t0, fresh=fresh
+                cfg, models, plans, items, runtime, report, stop, t0, elsewhere, fresh=fresh
             )
             stop.check()
             if cfg.dry_run:
-                report.projection = verdicts(report.models, cfg.budget)
+                report.projection = verdicts(
+                    report.models, cfg.budget, makespan_hours=_makespan(report, items, max(1, len(devices)))
+                )
             else:
                 if not any(e.weight_sum for e in ensembles) and any(len(p.origins) for p in plans):
                     raise ModelRunError("no model finished: no submission written")
@@ -108,45 +169,191 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
             running = [m.name for m in report.models if m.status == "interrupted"]
             report.status = "interrupted"
             report.interrupted = Interruption(signal_name(e.signum), running[-1] if running else None)
-            write_report(cfg.out, report, t0, final=False)
+            write_report(report_path, report, t0, final=False)
             raise Interrupted(e.signum, interrupted_message(report, cfg)) from None
         except (ModelRunError, UserError, DeviceError) as e:
             report.status, report.error = "failed", str(e)
-            write_report(cfg.out, report, t0, final=False)
+            write_report(report_path, report, t0, final=False)
             raise
         except (
             Exception
         ) as e:  # a bug: the traceback is kept (exit 1), and report.json still ends in a status
             report.status = "failed"
             report.error = f"internal error: {type(e).__name__}: {e}".splitlines()[0]
-            write_report(cfg.out, report, t0, final=False)
+            write_report(report_path, report, t0, final=False)
             raise
     report.status = "ok"
-    write_report(cfg.out, report, t0, final=True)
+    write_report(report_path, report, t0, final=True)
     return report
 
 
+def _own_device(cfg: RunConfig, devices: list[str], rank) -> str:
+    """The device this process computes on: a torchrun rank's local GPU, the first of ``--devices``, or --device."""
+    if devices:
+        return devices[0]
+    if rank is not None and cfg.device in ("auto", "cuda") and torch_cuda_available():
+        return f"cuda:{rank.local_rank}"
+    return cfg.device
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _mode(cfg: RunConfig, rank) -> str:
+    if cfg.dry_run:
+        return "dry-run"
+    if rank is not None:
+        return f"rank {rank.rank} of {rank.world_size}"
+    if cfg.num_parts > 1:
+        return f"part {cfg.part_id} of {cfg.num_parts}"
+    return "merge-only" if cfg.merge_only else "submit"
+
+
+def part_label(n: int, i: int, rank) -> str:
+    return f"rank {i} of {n}" if rank is not None else f"part {i} of {n}"
+
+
+def part_report_path(cfg: RunConfig, n: int, i: int, rank):
+    """A part's own report (report.json is the merge's): OUT/parts/<label>.report.json."""
+    return part_path(cfg.out, part_label(n, i, rank)).with_suffix(".report.json")
+
+
+@dataclasses.dataclass
+class Elsewhere:
+    """What other processes of this run did: their part reports, the units they saved, the models that failed."""
+
+    parts: list = dataclasses.field(default_factory=list)
+    saved: set = dataclasses.field(
+        default_factory=set
+    )  # (model, unit id) computed and saved by another process
+    failed: dict = dataclasses.field(default_factory=dict)  # model name -> its failed / skipped ModelResult
+
+    @classmethod
+    def from_parts(cls, parts) -> Elsewhere:
+        saved = {
+            (m.name, f)
+            for p in parts
+            for m in p.models
+            for f, r in m.fragments.items()
+            if r.partial == "saved"
+        }
+        return cls(list(parts), saved, failed_models(parts))
+
+
+def _compute_part(cfg, models, items, runtime, stop, t0, n, i, rank, *, fresh: bool) -> PartReport:
+    """This process's share of the units (part ``i`` of ``n``), saved as partials; under torchrun, every rank
+    waits at a barrier for the others before rank 0 merges."""
+    shares = plan_shares(models, items, [str(runtime.device)] * n, [part_label(n, j, rank) for j in range(n)])
+    store = PartialStore(cfg.out / "partials", _settings(cfg, runtime))
+    eta = EtaMonitor.for_budget(cfg.budget, t0)
+    group = _join_group(cfg, rank) if rank is not None else None
+    try:
+        part = compute_share(
+            shares[i], model_options(cfg, fresh=fresh), runtime, stop=stop, store=store, eta=eta, out=cfg.out
+        )
+    finally:
+        if group is not None:
+            group.barrier()  # every rank has saved its units (or failed: rank 0 recomputes what is missing)
+    return part
+
+
+def _join_group(cfg: RunConfig, rank):
+    """torch.distributed over gloo (CPU and GPU alike: only a barrier crosses the network), with a timeout as
+    long as the run's budget, since ranks reach the barrier when their share is done."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=cfg.budget.hours + 1))
+    return dist
+
+
+def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, *, fresh: bool) -> Elsewhere:
+    """One spawned worker per device computes its share; what a dead worker lost is computed here afterwards
+    (reassigned once); a worker's user, model (``--on-model-error fail``) or device error ends the run."""
+    labels = [f"worker {j} ({d})" for j, d in enumerate(devices)]
+    shares = plan_shares(models, items, devices, labels)
+    deadline = EtaMonitor.for_budget(cfg.budget, t0).deadline
+    where = WorkerInputs(cfg.data, cfg.manifest, cfg.stride, cfg.tta, cfg.unit_windows,
+                         {spec.name: w for spec, w in models})  # fmt: skip
+    jobs = [
+        WorkerJob(share.label, share.device, share.units, where, model_options(cfg, fresh=fresh),
+                  _settings(cfg, runtime), cfg.out, cfg.out / "partials", cfg.budget.gpu_mem_gb, deadline,
+                  worker_threads(devices))
+        for share in shares
+    ]  # fmt: skip
+    parts = run_workers(jobs, stop)
+    report.parts = parts
+    stop.check()
+    errors = {"user": UserError, "model": ModelRunError, "device": DeviceError, "internal": ModelRunError}
+    for p in parts:
+        if p.error_kind in errors:
+            raise errors[p.error_kind](f"{p.label}: {p.error}")
+        if p.lost:
+            log.warning("%s: %s; its %d unfinished unit(s) are computed here", p.label, p.error or p.status,
+                        len(p.lost))  # fmt: skip
+    return Elsewhere.from_parts(parts)
+
+
+def _check_merge(models, items, runtime, cfg: RunConfig, elsewhere: Elsewhere) -> None:
+    """--merge-only: every unit of every model that did not fail must have its partial; else one line each."""
+    store = PartialStore(cfg.out / "partials", _settings(cfg, runtime))
+    missing = [
+        f"model {spec.name}, unit {item.id}: no partial in {store.root} (its part has not finished)"
+        for spec, w in models
+        if spec.name not in elsewhere.failed
+        for item in items
+        if not store.has(Unit(spec, w, item))
+    ]
+    if missing:
+        raise UserError("\n".join(["--merge-only: " + m for m in missing]))
+
+
+def _settings(cfg: RunConfig, runtime: Runtime) -> UnitSettings:
+    return UnitSettings(cfg.stride, cfg.tta, runtime.device.type, runtime.dtype_name)
+
+
+def _makespan(report: RunReport, items, workers: int) -> float | None:
+    """A dry run's projected hours on ``workers`` devices: the units' projected times shared out as the run
+    would (``plan.assign``), the longest share. None on one device (the sum over models)."""
+    if workers == 1:
+        return None
+    costs = [m.projection.s_per_window * len(item.origins) for m in report.models if m.status == "ok" and m.projection
+             for item in items]  # fmt: skip
+    owner = assign(costs, workers)
+    return max(sum(c for c, o in zip(costs, owner, strict=True) if o == w) for w in range(workers)) / 3600
+
+
 def _run_models(
-    cfg: RunConfig, models, weights, plans: list[FragmentPlan], runtime: Runtime, report: RunReport,
-    stop: StopRequest, t0: float, *, fresh: bool,
+    cfg: RunConfig, models, plans: list[FragmentPlan], items: list[FragmentPlan], runtime: Runtime,
+    report: RunReport, stop: StopRequest, t0: float, elsewhere: Elsewhere, *, fresh: bool,
 ) -> list[FragmentEnsemble]:  # fmt: skip
-    """Each model over every fragment, its result added to ``report`` (written after each), its maps to the
-    ensemble; a dry run projects each model's full run instead."""
-    options = model_options(cfg, fresh=fresh)
-    settings = UnitSettings(cfg.stride, cfg.tta, runtime.device.type, runtime.dtype_name)
-    store = None if cfg.dry_run else PartialStore(cfg.out / "partials", settings)
+    """Each model over every unit, its result added to ``report`` (written after each), its maps to the
+    ensemble in manifest order, a fragment's row ranges summed in row order; a dry run projects each model's full
+    run instead. Units that other processes saved are read back; a model that failed elsewhere joins nowhere."""
+    options = model_options(cfg, fresh=fresh and not elsewhere.saved)
+    store = None if cfg.dry_run else PartialStore(cfg.out / "partials", _settings(cfg, runtime))
     eta = None if cfg.dry_run else EtaMonitor.for_budget(cfg.budget, t0)
     ensembles = [FragmentEnsemble(p.shape, p.mask) for p in plans]
-    for spec in models:
+    for spec, weights in models:
         stop.check()
+        if spec.name in elsewhere.failed:
+            report.add_model(elsewhere.failed[spec.name])
+            write_report(cfg.out / "report.json", report, t0, final=False)
+            continue
         try:
-            done = run_model(
-                spec, weights[spec.name], plans, options, runtime, stop=stop, eta=eta, store=store
-            )
+            done = run_model(spec, weights, items, options, runtime, stop=stop, eta=eta, store=store)
         except RunEnded as e:
             report.add_model(e.result)
             raise e.cause from None
         result = done.result
+        for unit_id, frag in result.fragments.items():
+            if (spec.name, unit_id) in elsewhere.saved and frag.partial == PARTIAL_REUSED:
+                frag.partial = PARTIAL_SAVED  # computed in this run, by another process
         if cfg.dry_run and result.status == "ok":
             result = dataclasses.replace(result, projection=project(
                 result, total_windows=sum(len(p.origins) for p in plans),
@@ -154,10 +361,14 @@ def _run_models(
                 stride=cfg.stride, scale_to=cfg.scale_to,
             ))  # fmt: skip
         report.add_model(result)
-        for p, ens in zip(plans, ensembles, strict=True):
-            if done.sums:  # all fragments or none: a model joins the ensemble once it has finished everywhere
-                ens.add(done.sums[p.id], model_count(p, spec), spec.weight)
-        write_report(cfg.out, report, t0, final=False)  # progress, and what a killed run leaves
+        if done.sums:  # all units or none: a model joins the ensemble once it has finished everywhere
+            for p, ens in zip(plans, ensembles, strict=True):
+                ranges = [done.sums[item.id] for item in items if item.fragment is p.fragment]
+                total = ranges[0] if len(ranges) == 1 else np.sum(ranges, axis=0, dtype=np.float32)
+                ens.add(total, model_count(p, spec), spec.weight)
+        write_report(
+            cfg.out / "report.json", report, t0, final=False
+        )  # progress, and what a killed run leaves
     return ensembles
 
 

@@ -18,12 +18,13 @@ import numpy as np
 
 from .config import BLOCK, ModelSpec
 from .fragments import Fragment, load_mask, open_volume
+from .stream import MAX_ROWS_PER_BAND
 from .tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
 
 RANDOM_SEED = 0  # random-init rehearsals are reproducible, and their partials can be keyed by it
-# 2: maps on the cover grid (remainder rows/columns covered) from float16-rounded inputs; format-1 files are
-# results of the earlier rule and are never reused
-PARTIAL_FORMAT = 2
+# 3: fixed-point sums (stitch.SumMap); 2: float32 maps on the cover grid from float16-rounded inputs; files of an
+# earlier format are never reused
+PARTIAL_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,41 @@ class FragmentPlan:
     ops: np.ndarray  # (N,) flip op
     notes: list[str] = field(default_factory=list)
     fingerprint: dict | None = None  # fragment_fingerprint: what a partial of this fragment is keyed by
+    rows: tuple[int, int] | None = (
+        None  # a row range [r0, r1) of window-origin block rows; None: every window
+    )
 
     @property
     def id(self) -> str:
-        return self.fragment.id
+        """The fragment's id, with the row range of a part (``2@0-120``): a unit's name in partials and reports."""
+        return self.fragment.id if self.rows is None else f"{self.fragment.id}@{self.rows[0]}-{self.rows[1]}"
+
+
+def split_rows(plan: FragmentPlan, max_windows: int) -> list[FragmentPlan]:
+    """The fragment as row ranges of about ``max_windows`` windows each (one range when it has no more), cut
+    only at multiples of ``stream.MAX_ROWS_PER_BAND`` origin rows (so a range may hold more, when one stripe of
+    that many rows does): a range holds the windows whose origin row falls in it, in the plan's order, each with
+    its own flip op. Since the cuts fall between bands, a range runs the very batches of the single pass, and the
+    fixed-point sums of the ranges (``stitch.SumMap``) add up to the single pass's to the last bit.
+
+    Depends on the fragment and ``max_windows`` only, never on how many devices run it."""
+    n = len(plan.origins)
+    if n <= max_windows:
+        return [plan]
+    rows, per_row = np.unique(plan.origins[:, 0] // MAX_ROWS_PER_BAND, return_counts=True)  # stripes
+    rows = rows * MAX_ROWS_PER_BAND
+    cuts, load = [int(rows[0])], 0
+    for r, k in zip(rows.tolist(), per_row.tolist(), strict=True):
+        if load and load + k > max_windows:
+            cuts.append(r)
+            load = 0
+        load += k
+    cuts.append(int(rows[-1]) + MAX_ROWS_PER_BAND)
+    parts = []
+    for r0, r1 in zip(cuts[:-1], cuts[1:], strict=True):
+        keep = (plan.origins[:, 0] >= r0) & (plan.origins[:, 0] < r1)
+        parts.append(dataclasses.replace(plan, origins=plan.origins[keep], ops=plan.ops[keep], rows=(r0, r1)))
+    return parts
 
 
 def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
@@ -155,8 +187,33 @@ class Unit:
             "model": output_fields(self.model),
             "weights": self.weights.identity,
             "fragment": self.fragment.fingerprint,
+            "rows": None if self.fragment.rows is None else list(self.fragment.rows),
             **dataclasses.asdict(settings),
             "versions": {"ink_infer": __version__, "torch": torch.__version__, "timm": timm.__version__},
         }
         text = json.dumps(key, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)
+
+
+def unit_cost(windows: int, flops_per_window: float) -> float:
+    """A unit's cost before anything was measured: its windows times its model's FLOPs per window."""
+    return float(windows) * flops_per_window
+
+
+def assign(costs: list[float], workers: int) -> list[int]:
+    """Worker of each unit: longest first onto the least-loaded worker (ties: the lower index), deterministic."""
+    load = [0.0] * workers
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        w = min(range(workers), key=lambda w: (load[w], w))
+        owner[i] = w
+        load[w] += costs[i]
+    return owner
+
+
+def plan_run(
+    fragments, *, stride: int, tta: str, unit_windows: int
+) -> tuple[list[FragmentPlan], list[FragmentPlan]]:
+    """Every fragment's plan, and the items the units run over (fragments, or their row ranges: ``split_rows``)."""
+    plans = [plan_fragment(f, stride=stride, tta=tta) for f in fragments]
+    return plans, [part for p in plans for part in split_rows(p, unit_windows)]

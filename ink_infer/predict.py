@@ -7,7 +7,7 @@ rounded values. Converting a slab costs one table look-up per pixel, once per ba
 size, so the device holds no more than before. Windows are cut as ``(B, nz, side, side)`` views, converted to
 float32, normalised per window (mean and std of the rounded values), cast to the model's dtype (float16 on CUDA,
 float32 on CPU, as the reference), and the ``(B, 1, side/32, side/32)`` logits are turned into probabilities and
-added to a float32 sum map on the device.
+added to a fixed-point sum map on the device (``stitch.SumMap``: exact, so order-independent).
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ def predict_fragment(
     on_batch: Callable[[PredictStats], None] | None = None,
 ) -> tuple[np.ndarray, PredictStats]:
     """Sum of window probabilities over the fragment's cover grid (``tiling.cover_grid``: the partial blocks of the
-    remainder rows and columns included), ``(ch * 32, cw * 32)`` float32 on the host.
+    remainder rows and columns included), ``(ch * 32, cw * 32)`` int64 fixed point (``stitch.FIXED_SCALE``) on
+    the host.
 
     volume: a ``fragments.Volume`` (``read_band``, ``width``); touched: ``(gh, gw)`` bool blocks read as data;
     origins: ``(N, 2)`` block coords of the windows to run; ops: ``(N,)`` their flip op (``tta="scheduled"``).
@@ -301,7 +302,7 @@ def predict_fragment(
                 on_batch(stats)
         t_wait = time.perf_counter()
     bar.close()
-    sum_map = acc.to_numpy()
+    sum_map = acc.to_fixed()
     stats.seconds = time.perf_counter() - t_start
     return sum_map, stats
 

@@ -41,6 +41,7 @@ class FragmentResult:
     first_batch_s: float = 0.0  # wall time of the first batch (warm-up), left out of the dry run's rate
     oom_retries: int = 0
     partial: str | None = None  # PARTIAL_SAVED | PARTIAL_REUSED | "not saved (...)"; None in a dry run
+    device: str | None = None  # where it was computed (a worker's device, or this process's)
 
     @classmethod
     def from_dict(cls, d: dict) -> FragmentResult:
@@ -81,6 +82,41 @@ class ModelResult:
     @property
     def windows(self) -> int:
         return sum(f.windows for f in self.fragments.values())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelResult:
+        """From its report.json form (a worker's or a part's file)."""
+        d = dict(d)
+        d["fragments"] = {k: FragmentResult.from_dict(v) for k, v in d.get("fragments", {}).items()}
+        if d.get("projection") is not None:
+            d["projection"] = Projection(**d["projection"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class PartReport:
+    """What one worker process, one ``--part-id`` or one torchrun rank computed: ``OUT/parts/<label>.json``.
+
+    ``status``: running | ok | failed | interrupted; ``error_kind`` (when failed): user | model | device | internal.
+    ``lost``: [model, unit] pairs it was given and did not finish (filled in by whoever saw it die)."""
+
+    label: str
+    device: str
+    status: str = "running"
+    error: str | None = None
+    error_kind: str | None = None
+    models: list[ModelResult] = field(default_factory=list)
+    seconds: float = 0.0
+    host_peak_gib: float = 0.0
+    exitcode: int | None = None
+    lost: list[list[str]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PartReport:
+        d = {**d, "models": [ModelResult.from_dict(m) for m in d.get("models", [])]}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -158,6 +194,7 @@ class RunReport:
     fragments: dict[str, FragmentPlanned]
     partials: PartialsSummary
     models: list[ModelResult] = field(default_factory=list)
+    parts: list[PartReport] = field(default_factory=list)  # the workers, parts or ranks that computed units
     projection: Verdicts | None = None
     submission: SubmissionResult | None = None
     interrupted: Interruption | None = None
@@ -200,8 +237,8 @@ def _jsonable(o: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def write_report(out: Path, report: RunReport, t0: float, *, final: bool) -> None:
-    """``out/report.json`` from ``report``, with the run's seconds (since ``t0``, a ``perf_counter``) and host peak.
+def write_report(path: Path, report: RunReport, t0: float, *, final: bool) -> None:
+    """``path`` (OUT/report.json, or a part's own report) from ``report``, with the run's seconds (since ``t0``, a ``perf_counter``) and host peak.
 
     Only the final report is a must (a ``UserError`` if it cannot be written); the others (after each model, on
     a failure or an interruption) are progress notes that a full disk must not turn into a failed run."""
@@ -209,7 +246,6 @@ def write_report(out: Path, report: RunReport, t0: float, *, final: bool) -> Non
 
     report.seconds = time.perf_counter() - t0
     report.host_peak_gib = host_peak_gib()
-    path = out / "report.json"
     text = json_text(report.as_dict())
     try:
         atomic_write_text(path, text)

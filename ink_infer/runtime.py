@@ -7,7 +7,9 @@ Process-wide settings are made here and only here, by the CLIs (submit, train) a
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+import re
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,3 +148,54 @@ def gpu_peaks_gib(device: torch.device) -> dict[str, float] | None:
         "allocated": torch.cuda.max_memory_allocated(device) / GIB,
         "reserved": torch.cuda.max_memory_reserved(device) / GIB,
     }
+
+
+def resolve_devices(names: tuple[str, ...]) -> list[str]:
+    """``--devices``: ``all`` (every visible GPU), or a list of ``cpu`` / ``cuda:N`` of one type (``cpu`` may
+    repeat: one worker per entry). Anything else, a GPU this machine lacks, or a GPU named twice is a
+    ``UserError``."""
+    if names == ("all",):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError("--devices all: no GPU is visible on this machine (use --devices cpu,cpu)")
+        return [f"cuda:{i}" for i in range(n)]
+    listed = ",".join(names)
+    out = []
+    for name in names:
+        if name == "cpu":
+            out.append(name)
+            continue
+        m = re.fullmatch(r"cuda:(\d+)", name)
+        if m is None:
+            raise UserError(
+                f"--devices {listed}: {name!r} is not a device: expected all, or cpu / cuda:N, comma-separated"
+            )
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(m[1]) >= have:
+            gpus = f"{have} GPU(s): cuda:0 .. cuda:{have - 1}" if have else "no GPU"
+            raise UserError(f"--devices {listed}: {name} does not exist, this machine has {gpus}")
+        if name in out:
+            raise UserError(f"--devices {listed}: {name} is named twice (one worker per GPU)")
+        out.append(name)
+    if len({d.split(":")[0] for d in out}) > 1:
+        raise UserError(f"--devices {listed}: all devices must be of one type (partials are keyed by it)")
+    return out
+
+
+@dataclass(frozen=True)
+class DistributedRank:
+    """This process's place under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` from the environment)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_rank() -> DistributedRank | None:
+    """The torchrun rank of this process, or None when not launched by torchrun with more than one process."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UserError("RANK / WORLD_SIZE / LOCAL_RANK: expected integers (as torchrun sets them)") from None
+    return DistributedRank(rank, world, local) if world > 1 else None

@@ -159,6 +159,9 @@ CLI_NUMBERS: dict[str, Rule] = {
     "--host-mem-gb": Real(lo=0.0, lo_open=True),
     "--gpu-mem-gb": Real(lo=0.0, lo_open=True),
     "--max-nonfinite": Real(lo=0.0, hi=1.0),
+    "--unit-windows": Int(lo=1),
+    "--num-parts": Int(lo=1, hi=100000),
+    "--part-id": Int(lo=0),
 }
 
 

@@ -2,8 +2,11 @@
 
 Semantics of the reference (PIPELINE.md §5.4–5.6): sigmoid, bilinear upsampling of each window's 1/32 output with
 ``align_corners=True``, sum over windows, count masked by the fragment mask, ``sum / count`` where the count is
-positive and 0 elsewhere. The reference summed in float16; we sum in float32 (a sum of up to 64 probabilities has
-~0.03 resolution in float16, which is what made ties at the threshold common there).
+positive and 0 elsewhere. The reference summed in float16 (a sum of up to 64 probabilities has ~0.03 resolution
+there, which is what made ties at the threshold common). We sum in fixed point: each probability rounded to a
+multiple of ``2**-24`` (float32's own resolution at 1; 3e-8 at most), the sums kept as int64. Integer sums are
+exact, so they do not depend on the order the windows were added in: a fragment computed as row ranges, on any
+number of devices, in any order, gives the same sums to the last bit as one pass (``plan.split_rows``).
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ def upsample_probs(logits: torch.Tensor, side: int) -> torch.Tensor:
     return a @ probs @ a.T
 
 
+FIXED_SCALE = 2**24  # a probability p is summed as round(p * FIXED_SCALE)
+
+
 class SumMap:
-    """A float32 sum map over a block grid ``(gh * 32, gw * 32)``, plus ``pad`` rows/cols windows may run into.
+    """A fixed-point sum map over a block grid ``(gh * 32, gw * 32)``, plus ``pad`` rows/cols windows may run into.
 
     Lives on the compute device so windows are added where they were computed; only the finished map crosses to
     the host. The predictor keeps it on the fragment's cover grid (``tiling.cover_grid``), so the remainder rows
@@ -53,21 +59,35 @@ class SumMap:
     def __init__(self, grid_shape: tuple[int, int], *, pad: int, device: torch.device) -> None:
         gh, gw = grid_shape
         self.shape = (gh * BLOCK, gw * BLOCK)
-        self.sum = torch.zeros((self.shape[0] + pad, self.shape[1] + pad), dtype=torch.float32, device=device)
+        self.sum = torch.zeros((self.shape[0] + pad, self.shape[1] + pad), dtype=torch.int64, device=device)
         # on the CPU numpy's in-place slice add is ~40x faster than torch's for 256 x 256 windows (measured)
         self._np = self.sum.numpy() if device.type == "cpu" else None
 
     def add(self, probs: torch.Tensor, ys: np.ndarray, xs: np.ndarray) -> None:
         """Add ``(N, s, s)`` float32 probabilities whose top-left pixels are ``(ys[i], xs[i])``."""
         s = probs.shape[-1]
+        fixed = torch.round(probs * FIXED_SCALE).to(
+            torch.int64
+        )  # exact scaling (a power of two), then rounding
         acc = self.sum if self._np is None else self._np
-        src = probs if self._np is None else probs.numpy()
+        src = fixed if self._np is None else fixed.numpy()
         for p, y, x in zip(src, ys.tolist(), xs.tolist(), strict=True):
             acc[y : y + s, x : x + s] += p
 
-    def to_numpy(self) -> np.ndarray:
-        """``(gh * 32, gw * 32)`` float32 on the host."""
+    def to_fixed(self) -> np.ndarray:
+        """``(gh * 32, gw * 32)`` int64 sums in units of ``1 / FIXED_SCALE``, on the host."""
         return self.sum[: self.shape[0], : self.shape[1]].cpu().numpy()
+
+    def to_numpy(self) -> np.ndarray:
+        """``(gh * 32, gw * 32)`` float32 sums of probabilities, on the host."""
+        return to_float(self.to_fixed())
+
+
+def to_float(fixed: np.ndarray) -> np.ndarray:
+    """Fixed-point sums (int) as float32 sums of probabilities (float input is returned as it is)."""
+    if not np.issubdtype(fixed.dtype, np.integer):
+        return fixed
+    return (fixed / FIXED_SCALE).astype(np.float32)
 
 
 def expand_blocks(blocks: np.ndarray, shape: tuple[int, int], *, block: int = BLOCK) -> np.ndarray:
@@ -85,7 +105,7 @@ def expand_blocks(blocks: np.ndarray, shape: tuple[int, int], *, block: int = BL
 def finalize(sum_map: np.ndarray, count_blocks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``(H, W)`` float32 mean probability: ``sum / count`` inside the mask where covered, 0 elsewhere.
 
-    sum_map: ``(gh * 32, gw * 32)`` float32; count_blocks: ``(gh, gw)`` windows per block, on the cover grid
+    sum_map: ``(gh * 32, gw * 32)`` fixed-point int64 (``SumMap.to_fixed``) or float32 sums; count_blocks: ``(gh, gw)`` windows per block, on the cover grid
     (``tiling.cover_grid``: the remainder rows and columns are covered, as in the reference) or on any smaller
     grid (pixels past it get 0); mask: ``(H, W)`` bool. Works one block row at a time, so no full-size count map
     is ever built (host memory on big fragments).
@@ -99,7 +119,7 @@ def finalize(sum_map: np.ndarray, count_blocks: np.ndarray, mask: np.ndarray) ->
         if y0 >= h:
             break
         count = np.repeat(row.astype(np.float32), BLOCK)[None, :cols] * mask[y0:y1, :cols]
-        np.divide(sum_map[y0:y1, :cols], count, out=prob[y0:y1, :cols], where=count > 0)
+        np.divide(to_float(sum_map[y0:y1, :cols]), count, out=prob[y0:y1, :cols], where=count > 0)
     return prob
 
 

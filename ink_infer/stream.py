@@ -136,14 +136,21 @@ class SlabReader:
         self._thread.join(timeout=5)
 
 
+MAX_ROWS_PER_BAND = 16  # a power of two: a multiple of every band's rows (see rows_per_band_for)
+
+
 def rows_per_band_for(n_slices: int, width: int, *, tile: int, budget_bytes: int) -> int:
     """Origin rows per band so that one band of uint16 rows (``tile + (k - 1) * 32`` of them) fits the budget.
 
-    Bigger bands mean fewer, larger batches; smaller ones less host and device memory. At least 1, at most 16.
+    Bigger bands mean fewer, larger batches; smaller ones less host and device memory. A power of two from 1 to
+    ``MAX_ROWS_PER_BAND``, so bands (multiples of it from row 0) never straddle a multiple of ``MAX_ROWS_PER_BAND``,
+    where ``plan.split_rows`` cuts: a fragment's row ranges hold exactly the bands, so exactly the batches, of its
+    single pass, whatever each model's band size.
     """
     row_bytes = n_slices * width * 2
     k = (budget_bytes // max(row_bytes, 1) - tile) // BLOCK + 1
-    return int(min(16, max(1, k)))
+    k = int(min(MAX_ROWS_PER_BAND, max(1, k)))
+    return 1 << (k.bit_length() - 1)
 
 
 def keep_pixels(touched: np.ndarray, rows: tuple[int, int], width: int, *, block: int = BLOCK) -> np.ndarray:

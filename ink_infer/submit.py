@@ -96,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fresh", action="store_true", help="recompute everything, ignoring results saved in OUT/partials"
     )
+    p.add_argument(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help="one worker process per device: all (every GPU), cuda:0,cuda:1, or cpu,cpu (default: --device alone)",
+    )
+    number(
+        "--unit-windows",
+        16384,
+        "a fragment with more windows is computed as row ranges of at most this many (units to share out)",
+    )
+    number("--num-parts", 1, "split the units into this many parts (array jobs); run each with --part-id")
+    number("--part-id", 0, "the part this process computes (0 .. --num-parts - 1); it writes partials only")
+    p.add_argument(
+        "--merge-only",
+        action="store_true",
+        help="build submission.csv from the partials of every part (same arguments otherwise); compute nothing",
+    )
     p.add_argument("--no-previews", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
@@ -112,6 +130,15 @@ def parse_size(text: str) -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise UserError(f"--scale-to {text!r}: sizes must be positive")
     return h, w
+
+
+def parse_devices(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise UserError(f"--devices {text!r}: expected all, or cpu / cuda:N, comma-separated")
+    return names
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -137,7 +164,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         scale_to=tuple(parse_size(s) for s in args.scale_to), allow_random_weights=allow_random,
         batch_size=args.batch_size, budget=Budget(args.budget_hours, args.host_mem_gb, args.gpu_mem_gb),
         quiet=args.quiet, previews=not args.no_previews, on_model_error=args.on_model_error,
-        max_nonfinite=args.max_nonfinite,
+        max_nonfinite=args.max_nonfinite, devices=parse_devices(args.devices), unit_windows=args.unit_windows,
+        num_parts=args.num_parts, part_id=args.part_id, merge_only=args.merge_only,
     )  # fmt: skip
 
 
@@ -201,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table_rows(report), TABLE))
     if report.submission is not None:
         print(f"wrote {report.submission.path}, {cfg.out / 'report.json'}, {cfg.out / 'previews'}/")
+    elif report.projection is None:  # one part of the units: partials only
+        print(f"{report.mode}: {report.partials_kept} unit(s) in {cfg.out / 'partials'}; when every part is done, "
+              "run the same command with --merge-only instead of --num-parts / --part-id")  # fmt: skip
     else:
         print(format_verdicts(report.projection))
         print(f"wrote {cfg.out / 'report.json'} (dry run: no submission)")

@@ -8,7 +8,7 @@ import torch
 
 from ink_infer.config import ModelSpec
 from ink_infer.predict import predict_fragment
-from ink_infer.stitch import covered_mask, finalize
+from ink_infer.stitch import covered_mask, finalize, to_float
 from ink_infer.threshold import binarize
 from ink_infer.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
 from tests.naive_loop import naive_predict
@@ -170,7 +170,7 @@ def test_remainder_rows_and_columns_are_covered_with_the_reference_counts(tile, 
     # no model square starts before the first origin plus the crop's offset), the bottom-right corner included
     assert expected[h - 1, w - 1] > 0 and (expected[remainder & mask] > 0).mean() > 0.85
     # the engine's sum of a constant model is count x sigmoid(c): its counts, pixel by pixel, are the reference's
-    engine_counts = np.rint(sum_map[:h, :w] / (1 / (1 + np.exp(-c)))).astype(np.int32) * mask
+    engine_counts = np.rint(to_float(sum_map)[:h, :w] / (1 / (1 + np.exp(-c)))).astype(np.int32) * mask
     np.testing.assert_array_equal(engine_counts, expected)
     count = coverage_blocks(
         origins, cover_grid(mask.shape), tile_blocks=tile // 32, offset_blocks=spec.offset // 32,

@@ -1,0 +1,301 @@
+"""Many devices, many processes: the units of a run shared out (``plan_shares``), one share computed by one process
+(``compute_share``), and the spawned worker processes of ``--devices`` (``run_workers``).
+
+Every executor computes units and saves them as partials, and nothing else: the outputs are always built by one
+process afterwards, from the partials, summing the model maps in manifest order and the row ranges in row order
+(``pipeline.py``). So the submission's bytes do not depend on how many devices, ranks or parts computed the units,
+nor on the order they finished in. Each share's result is ``OUT/parts/<label>.json`` (a ``PartReport``), written
+after every model, so a share that dies leaves what it did.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_write_text
+from .budget import EtaMonitor
+from .config import ModelSpec
+from .errors import DeviceError, ModelRunError, UserError
+from .model_run import ModelRunOptions, RunEnded, run_model
+from .partials import PartialStore
+from .plan import FragmentPlan, UnitSettings, Weights, assign, unit_cost
+from .results import ModelResult, PartReport, json_text
+from .stop import Interrupted, StopRequest, signal_name
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often the parent looks at its workers and at its stop flag
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one process computes: for each model, in manifest order, the units (fragments or row ranges) it runs."""
+
+    label: str
+    device: str
+    models: tuple[tuple[ModelSpec, Weights, tuple[FragmentPlan, ...]], ...]
+
+    @property
+    def units(self) -> list[list[str]]:
+        return [[spec.name, item.id] for spec, _, items in self.models for item in items]
+
+
+def model_flops(spec: ModelSpec) -> float:
+    """FLOPs of one window through the model, counted on the meta device (no memory, no weights: ~0.3 s)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(spec).eval()
+        x = torch.empty(1, spec.n_slices, spec.side, spec.side)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def plan_shares(
+    models: Sequence[tuple[ModelSpec, Weights]], items: Sequence[FragmentPlan], devices: Sequence[str], labels
+) -> list[Share]:
+    """The units (every model over every item) assigned to ``len(devices)`` processes by ``plan.assign`` over
+    their estimated costs. Deterministic: the same inputs give the same shares on every rank and in every part."""
+    flops = {spec.name: model_flops(spec) for spec, _ in models}
+    units = [(m, i) for m in range(len(models)) for i in range(len(items))]
+    costs = [unit_cost(len(items[i].origins), flops[models[m][0].name]) for m, i in units]
+    owner = assign(costs, len(devices))
+    shares = []
+    for w, device in enumerate(devices):
+        per_model = []
+        for m, (spec, weights) in enumerate(models):
+            mine = tuple(items[i] for (mm, i), o in zip(units, owner, strict=True) if mm == m and o == w)
+            if mine:
+                per_model.append((spec, weights, mine))
+        shares.append(Share(labels[w], device, tuple(per_model)))
+    return shares
+
+
+def part_path(out: Path, label: str) -> Path:
+    return out / "parts" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}.json"
+
+
+def write_part(out: Path, part: PartReport) -> None:
+    """The share's ``PartReport``, atomically (a progress note: a full disk is logged, not fatal)."""
+    from .runtime import host_peak_gib
+
+    part.host_peak_gib = host_peak_gib()
+    path = part_path(out, part.label)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json_text(_as_dict(part)))
+    except OSError as e:
+        log.warning("%s: cannot write (%s)", path, e.strerror or e)
+
+
+def read_parts(out: Path) -> list[PartReport]:
+    """Every ``OUT/parts/*.json`` that reads as a PartReport (others are left alone)."""
+    import json
+
+    parts = []
+    for path in sorted((out / "parts").glob("*.json")):
+        try:
+            parts.append(PartReport.from_dict(json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError, KeyError):
+            log.warning("%s: unreadable part report, ignored", path)
+    return parts
+
+
+def _as_dict(part: PartReport) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(part)
+
+
+def compute_share(
+    share: Share,
+    options: ModelRunOptions,
+    runtime,
+    *,
+    stop: StopRequest,
+    store: PartialStore,
+    eta: EtaMonitor | None,
+    out: Path,
+) -> PartReport:
+    """Run the share's units model by model, saving each as a partial; ``OUT/parts/<label>.json`` after every
+    model. Raises what ends a run (``RunEnded``'s cause) after recording it in the part report."""
+    part = PartReport(share.label, share.device)
+    t0 = time.perf_counter()
+    try:
+        for spec, weights, items in share.models:
+            stop.check()
+            done = run_model(spec, weights, items, options, runtime, stop=stop, eta=eta, store=store)
+            part.models.append(done.result)
+            part.seconds = time.perf_counter() - t0
+            write_part(out, part)
+        part.status = "ok"
+    except RunEnded as e:
+        part.models.append(e.result)
+        part.status, part.error, part.error_kind = _ended(e.cause)
+        raise e.cause from None
+    except Interrupted as e:
+        part.status, part.error, part.error_kind = _ended(e)
+        raise
+    finally:
+        part.seconds = time.perf_counter() - t0
+        write_part(out, part)
+    return part
+
+
+def _ended(cause: BaseException) -> tuple[str, str, str | None]:
+    if isinstance(cause, Interrupted):
+        return "interrupted", str(cause), None
+    kind = {UserError: "user", ModelRunError: "model", DeviceError: "device"}.get(type(cause), "internal")
+    return "failed", str(cause).splitlines()[0] if str(cause) else type(cause).__name__, kind
+
+
+# --- one spawned process per device (--devices) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerInputs:
+    """What a worker re-plans the run from (the same arithmetic as the parent's, so the same units)."""
+
+    data: Path
+    manifest: Path
+    stride: int
+    tta: str
+    unit_windows: int
+    weights: dict[str, Weights]  # checked by the parent at the start
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """A worker's instructions: a few KB, so that the parent's write of them never blocks (multiprocessing's spawn
+    writes them into a pipe the parent itself holds open; a child killed before reading a payload larger than the
+    pipe would hang the parent). The worker re-plans its share from ``inputs``."""
+
+    label: str
+    device: str
+    units: list[list[str]]  # [model name, unit id]
+    inputs: WorkerInputs
+    options: ModelRunOptions
+    settings: UnitSettings
+    out: Path
+    partials: Path
+    gpu_mem_gb: float
+    deadline: (
+        float | None
+    )  # a perf_counter value: CLOCK_MONOTONIC, the same clock in every process of a machine
+    threads: int | None  # CPU workers: torch threads each (one per core)
+
+    def share(self) -> Share:
+        from .fragments import find_fragments
+        from .manifest import load_manifest
+        from .plan import plan_run
+
+        manifest = load_manifest(self.inputs.manifest)
+        fragments, _ = find_fragments(self.inputs.data)
+        _, items = plan_run(fragments, stride=self.inputs.stride, tta=self.inputs.tta,
+                            unit_windows=self.inputs.unit_windows)  # fmt: skip
+        by_id = {item.id: item for item in items}
+        wanted = {(m, u) for m, u in self.units}
+        models = []
+        for spec in manifest.models:
+            mine = tuple(by_id[u] for u in by_id if (spec.name, u) in wanted)
+            if mine:
+                models.append((spec, self.inputs.weights[spec.name], mine))
+        return Share(self.label, self.device, tuple(models))
+
+
+def worker_main(job: WorkerJob) -> None:
+    """A worker process: its own device and CUDA context, its share, exit code 0 / 1 / 2 / 128 + signal."""
+    logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s {job.label}: %(message)s")
+    import torch
+
+    from .runtime import start_runtime
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    code = 0
+    with StopRequest() as stop:
+        try:
+            share = job.share()
+            runtime = start_runtime(job.device, gpu_mem_gb=job.gpu_mem_gb)
+            compute_share(
+                share, job.options, runtime, stop=stop, store=PartialStore(job.partials, job.settings),
+                eta=None if job.deadline is None else EtaMonitor(job.deadline), out=job.out,
+            )  # fmt: skip
+        except Interrupted as e:
+            code = 128 + e.signum
+        except UserError:
+            code = 2
+        except (ModelRunError, DeviceError):
+            code = 1
+    sys.exit(code)
+
+
+def run_workers(jobs: Sequence[WorkerJob], stop: StopRequest) -> list[PartReport]:
+    """Start one spawned process per job, wait for all, and return their part reports (``exitcode`` and
+    ``lost`` filled in). A stop request is passed on to every worker (SIGTERM: they stop after their batch)."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: its own CUDA context
+    for job in jobs:
+        part_path(job.out, job.label).unlink(
+            missing_ok=True
+        )  # a part report of an earlier run is not this one's
+    procs = [ctx.Process(target=worker_main, args=(job,), name=job.label) for job in jobs]
+    for p in procs:
+        p.start()
+    forwarded = False
+    try:
+        while any(p.is_alive() for p in procs):
+            if stop.signum is not None and not forwarded:
+                for p in procs:
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGTERM)
+                forwarded = True
+            time.sleep(POLL_S)
+    finally:
+        for p in procs:
+            p.join()
+    reports = []
+    for job, p in zip(jobs, procs, strict=True):
+        parts = [r for r in read_parts(job.out) if r.label == job.label]
+        report = parts[0] if parts else PartReport(job.label, job.device)  # died before its first word
+        report.exitcode = p.exitcode
+        done = {(m.name, f) for m in report.models if m.status == "ok" for f in m.fragments}
+        report.lost = [u for u in job.units if tuple(u) not in done]
+        if p.exitcode and report.status in ("running", "ok"):  # it died without a word: killed, or crashed
+            why = signal_name(-p.exitcode) if p.exitcode < 0 else f"exit code {p.exitcode}"
+            report.status, report.error, report.error_kind = "failed", f"the worker died ({why})", "died"
+        reports.append(report)
+    return reports
+
+
+def worker_threads(devices: Sequence[str]) -> int | None:
+    """Torch threads per CPU worker: the cores shared out (at least one); None for GPU workers."""
+    if not all(d == "cpu" for d in devices):
+        return None
+    return max(1, (os.cpu_count() or 1) // len(devices))
+
+
+def lost_units(parts: Sequence[PartReport]) -> list[list[str]]:
+    return [u for p in parts for u in p.lost]
+
+
+def failed_models(parts: Sequence[PartReport]) -> dict[str, ModelResult]:
+    """Models that failed (or were skipped for the budget) in some part: they join the ensemble nowhere."""
+    failed: dict[str, ModelResult] = {}
+    for p in parts:
+        for m in p.models:
+            if m.status in ("failed", "skipped") and m.name not in failed:
+                failed[m.name] = m
+    return failed

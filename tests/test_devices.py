@@ -1,0 +1,204 @@
+"""Every executor gives the same bytes: one process, spawned workers (``--devices cpu,cpu``), torchrun ranks, and
+``--num-parts`` + ``--merge-only``, on three small real models over two fragments, one of them split by rows.
+
+Workers and ranks are fresh interpreters (no monkeypatching reaches them), so these runs use the small real models
+of test_cli.py at stride 64; each takes seconds. On the CPU, oneDNN's convolutions round differently with a
+different thread count, and each CPU worker computes with one thread: so every run here computes with one thread
+per process, the single-process reference included (the ``one_thread`` fixture, ``OMP_NUM_THREADS=1``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ink_infer.plan import assign, split_rows
+from ink_infer.submit import main
+from ink_infer.synthetic import write_dataset
+from tests.helpers import SMALL_MODELS, one_error_line
+
+ROOT = Path(__file__).resolve().parents[1]
+# windows per unit: fragment "b" (three 16-row stripes of windows) is split by rows, fragment "a" is not
+UNIT_WINDOWS = "12"
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory) -> Path:
+    m = json.loads(json.dumps(SMALL_MODELS))
+    third = {**m["models"][0], "name": "m25d_b", "z_range": [28, 36], "in_chans": 2}
+    m["models"].append(third)
+    path = tmp_path_factory.mktemp("m3") / "m.json"
+    path.write_text(json.dumps(m))
+    return path
+
+
+@pytest.fixture(scope="module")
+def frags(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("frags"), test=[("b", 1300, 200), ("a", 150, 200)], seed=9)
+
+
+def argv(data: Path, out: Path, manifest: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--manifest", str(manifest), "--allow-random-weights",
+            "--stride", "64", "--unit-windows", UNIT_WINDOWS, "--quiet", "--no-previews", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single(frags, three_models, tmp_path_factory, one_thread) -> Path:
+    """OUT of the one-process run: the bytes every other executor must give."""
+    out = tmp_path_factory.mktemp("single")
+    assert main(argv(frags, out, three_models)) == 0
+    report = json.loads((out / "report.json").read_text())
+    units = list(report["models"][0]["fragments"])
+    assert any(u.startswith("b@") for u in units) and "a" in units  # b is split by rows, a is not
+    return out
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_splitting_by_rows_changes_no_output_pixel(frags, three_models, single, tmp_path):
+    out = tmp_path / "whole"
+    assert (
+        main([*argv(frags, out, three_models)[:-4], "--unit-windows", "100000", "--quiet", "--no-previews"])
+        == 0
+    )
+    assert all("@" not in u for u in report_of(out)["models"][0]["fragments"])
+    assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
+
+
+def test_row_ranges_hold_every_window_once_in_order_with_its_flip():
+    from ink_infer.plan import FragmentPlan
+
+    # origin rows in the reference's string order; 16-row stripes: [0, 16) holds rows 0, 1, 10, 2 (16 windows),
+    # [16, 32) row 17 (4), [32, 48) rows 33, 40 (8)
+    origins = np.array([[r, c] for r in (0, 1, 10, 33, 17, 2, 40) for c in range(4)])
+    plan = FragmentPlan(None, (2048, 512), None, None, origins, np.arange(len(origins)) % 4)
+    parts = split_rows(plan, 14)
+    assert [p.rows for p in parts] == [(0, 16), (16, 48)]  # cut at multiples of 16 rows only
+    assert [len(p.origins) for p in parts] == [16, 12]  # a stripe is never cut, even past max_windows
+    assert [p.rows for p in split_rows(plan, 4)] == [(0, 16), (16, 32), (32, 48)]
+    joined = np.concatenate([p.origins for p in parts])
+    assert sorted(map(tuple, joined)) == sorted(map(tuple, origins))
+    for p in parts:  # each window keeps its op, and the plan's order within the range
+        idx = [int(np.flatnonzero((origins == o).all(1))[0]) for o in p.origins]
+        assert idx == sorted(idx) and (p.ops == plan.ops[idx]).all()
+    assert split_rows(plan, 100) == [plan]
+
+
+def test_assignment_is_longest_first_onto_the_least_loaded_and_deterministic():
+    costs = [5.0, 1.0, 4.0, 3.0, 3.0, 2.0]
+    owner = assign(costs, 2)
+    # 5 -> w0; 4 -> w1; 3 -> w1 (4 < 5); 3 -> w0 (5 < 7); 2 -> w1 (7 < 8); 1 -> w0 (8 < 9)
+    assert owner == [0, 0, 1, 1, 0, 1]
+    loads = [sum(c for c, o in zip(costs, owner, strict=True) if o == w) for w in (0, 1)]
+    assert loads == [9.0, 9.0] and assign(costs, 2) == owner and assign(costs, 1) == [0] * 6
+
+
+def test_two_cpu_workers_give_the_single_process_bytes(frags, three_models, single, tmp_path):
+    out = tmp_path / "workers"
+    assert main(argv(frags, out, three_models, "--devices", "cpu,cpu")) == 0
+    assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
+    report = report_of(out)
+    assert [p["label"] for p in report["parts"]] == ["worker 0 (cpu)", "worker 1 (cpu)"]
+    assert all(p["status"] == "ok" and p["exitcode"] == 0 and p["models"] for p in report["parts"])
+    assert report["partials"]["reused"] == []  # computed in this run, by the workers
+    assert {f["partial"] for m in report["models"] for f in m["fragments"].values()} == {"saved"}
+
+
+def test_parts_then_merge_give_the_single_process_bytes_and_a_missing_part_is_named(
+    frags, three_models, single, tmp_path, capsys
+):
+    out = tmp_path / "parts"
+    for i in (0, 2):
+        assert main(argv(frags, out, three_models, "--num-parts", "3", "--part-id", str(i))) == 0
+    assert not (out / "submission.csv").exists()
+    assert main(argv(frags, out, three_models, "--merge-only")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and all(line.startswith("error: --merge-only: model ") for line in err), err
+    assert not (out / "submission.csv").exists()
+    assert main(argv(frags, out, three_models, "--num-parts", "3", "--part-id", "1")) == 0
+    assert main(argv(frags, out, three_models, "--merge-only")) == 0
+    assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
+    assert sorted(p["label"] for p in report_of(out)["parts"]) == [
+        "part 0 of 3",
+        "part 1 of 3",
+        "part 2 of 3",
+    ]
+
+
+def test_torchrun_two_ranks_give_the_single_process_bytes(frags, three_models, single, tmp_path):
+    out = tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ink_infer.submit", *argv(frags, out, three_models)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
+    assert sorted(p["label"] for p in report_of(out)["parts"]) == ["rank 0 of 2", "rank 1 of 2"]
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The spawned workers among ``parent``'s children (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_worker_killed_mid_run_is_reported_and_its_units_are_computed_by_the_parent(
+    frags, three_models, single, tmp_path
+):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "ink_infer.submit", *argv(frags, out, three_models)[:-4], "--unit-windows", "4",
+           "--devices", "cpu,cpu", "--quiet", "--no-previews"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    victim = None
+    while victim is None and proc.poll() is None and time.monotonic() < deadline:
+        pids = worker_pids(proc.pid)
+        if len(pids) == 2 and list((out / "partials").glob("*.npz")):  # the workers are computing
+            victim = pids[1]
+            os.kill(victim, signal.SIGKILL)
+        time.sleep(0.05)
+    assert victim is not None, "the workers never started"
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    report = report_of(out)
+    dead = [p for p in report["parts"] if p["exitcode"] == -signal.SIGKILL]
+    assert len(dead) == 1 and dead[0]["error"] == "the worker died (SIGKILL)" and dead[0]["lost"]
+    assert "unfinished unit(s) are computed here" in err
+    assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("devices", "needle"),
+    [("cuda:7", "cuda:7 does not exist"), ("tpu", "'tpu' is not a device"), ("cpu,,cpu", "expected all")],
+)
+def test_a_bad_devices_list_is_one_line_and_exit_2(devices, needle, frags, three_models, tmp_path, capsys):
+    if needle.startswith("cuda:7"):
+        import torch
+
+        if torch.cuda.device_count() > 7:
+            pytest.skip("this machine has a cuda:7")
+    assert main(argv(frags, tmp_path / "o", three_models, "--devices", devices)) == 2
+    assert needle in one_error_line(capsys)
