@@ -364,7 +364,7 @@ def _run_models(
         if done.sums:  # all units or none: a model joins the ensemble once it has finished everywhere
             for p, ens in zip(plans, ensembles, strict=True):
                 ranges = [done.sums[item.id] for item in items if item.fragment is p.fragment]
-                total = ranges[0] if len(ranges) == 1 else np.sum(ranges, axis=0, dtype=np.float32)
+                total = ranges[0] if len(ranges) == 1 else np.sum(ranges, axis=0)  # int64: exact
                 ens.add(total, model_count(p, spec), spec.weight)
         write_report(
             cfg.out / "report.json", report, t0, final=False

@@ -25,7 +25,7 @@ from ink_infer.synthetic import write_dataset
 from tests.helpers import SMALL_MODELS, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
-# windows per unit: fragment "b" (three 16-row stripes of windows) is split by rows, fragment "a" is not
+# windows per unit: fragment "b" (two 16-row stripes of windows) is split by rows, fragment "a" is not
 UNIT_WINDOWS = "12"
 
 
@@ -41,7 +41,7 @@ def three_models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def frags(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("frags"), test=[("b", 1300, 200), ("a", 150, 200)], seed=9)
+    return write_dataset(tmp_path_factory.mktemp("frags"), test=[("b", 700, 160), ("a", 150, 160)], seed=9)
 
 
 def argv(data: Path, out: Path, manifest: Path, *extra: str) -> list[str]:
@@ -202,3 +202,14 @@ def test_a_bad_devices_list_is_one_line_and_exit_2(devices, needle, frags, three
             pytest.skip("this machine has a cuda:7")
     assert main(argv(frags, tmp_path / "o", three_models, "--devices", devices)) == 2
     assert needle in one_error_line(capsys)
+
+
+def test_a_dry_run_on_two_devices_projects_the_makespan(frags, three_models, tmp_path, one_thread):
+    out = tmp_path / "dry"
+    assert (
+        main(argv(frags, out, three_models, "--dry-run", "--max-windows", "4", "--devices", "cpu,cpu")) == 0
+    )
+    report = report_of(out)
+    total = sum(m["projection"]["projected_hours"] for m in report["models"])
+    # the longest of two shares: at least half the work, less than all of it (several units to share)
+    assert 0.5 * total <= report["projection"]["hours"] < total

@@ -91,4 +91,7 @@ def test_keep_pixels_zero_blocks_off_the_mask_and_past_the_grid():
 def test_rows_per_band_fits_the_budget():
     assert rows_per_band_for(35, 6330, tile=256, budget_bytes=48 * 2**20) == 1
     k = rows_per_band_for(35, 6330, tile=256, budget_bytes=256 * 2**20)
-    assert 35 * 6330 * 2 * (256 + (k - 1) * 32) <= 256 * 2**20 < 35 * 6330 * 2 * (256 + k * 32)
+    # the largest power of two that fits: bands never straddle the 16-row stripes row ranges are cut at
+    assert k & (k - 1) == 0 and 16 % k == 0
+    assert 35 * 6330 * 2 * (256 + (k - 1) * 32) <= 256 * 2**20 < 35 * 6330 * 2 * (256 + (2 * k - 1) * 32)
+    assert rows_per_band_for(1, 100, tile=256, budget_bytes=256 * 2**20) == 16
