@@ -213,10 +213,15 @@ class RunReport:
 
     @property
     def partials_kept(self) -> int:
-        """(model, fragment) results of this run that are in OUT/partials (saved now, or reused from before)."""
-        return sum(
-            f.partial in (PARTIAL_SAVED, PARTIAL_REUSED) for m in self.models for f in m.fragments.values()
-        )
+        """(model, unit) results of this run that are in OUT/partials (saved now, here or by its workers, parts or
+        ranks, or reused from before)."""
+        kept = {
+            (m.name, unit)
+            for m in [*self.models, *(m for p in self.parts for m in p.models)]
+            for unit, f in m.fragments.items()
+            if f.partial in (PARTIAL_SAVED, PARTIAL_REUSED)
+        }
+        return len(kept)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
