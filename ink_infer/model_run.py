@@ -117,12 +117,12 @@ def load_model(
     return model.to(device=device, dtype=dtype).eval(), info
 
 
-def fragment_result(stats: PredictStats) -> FragmentResult:
+def fragment_result(stats: PredictStats, device: torch.device) -> FragmentResult:
     per_window = stats.seconds / stats.windows if stats.windows else None
     return FragmentResult(
         windows=stats.windows, seconds=stats.seconds, ms_per_window=per_window * 1000 if per_window else None,
         wait_read_s=stats.wait_read_s, nonfinite_windows=stats.nonfinite_windows, batch_size=stats.batch_size,
-        first_batch_s=stats.first_batch_s, oom_retries=stats.oom_retries,
+        first_batch_s=stats.first_batch_s, oom_retries=stats.oom_retries, device=str(device),
     )  # fmt: skip
 
 
@@ -226,8 +226,7 @@ def _compute(
                 model, unit, options, runtime, tuning.batch_size, stop, eta, windows_left
             )
             windows_left -= unit.windows
-            frag = fragment_result(stats)
-            frag.device = str(runtime.device)
+            frag = fragment_result(stats, runtime.device)
             result.fragments[unit.fragment.id] = frag
             result.warnings.extend(
                 check_outputs(spec.name, unit.fragment.id, frag, limit=options.max_nonfinite)

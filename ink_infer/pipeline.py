@@ -51,7 +51,7 @@ from .results import (
     RunReport,
     write_report,
 )
-from .runtime import Runtime, environment, resolve_devices, start_runtime, torchrun_rank
+from .runtime import Runtime, environment, rank_device, resolve_devices, start_runtime, torchrun_rank
 from .stop import Interrupted, StopRequest, signal_name
 from .workers import (
     WorkerInputs,
@@ -188,18 +188,10 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
 
 
 def _own_device(cfg: RunConfig, devices: list[str], rank) -> str:
-    """The device this process computes on: a torchrun rank's local GPU, the first of ``--devices``, or --device."""
+    """The device this process computes on: the first of ``--devices``, a torchrun rank's local GPU, or --device."""
     if devices:
         return devices[0]
-    if rank is not None and cfg.device in ("auto", "cuda") and torch_cuda_available():
-        return f"cuda:{rank.local_rank}"
-    return cfg.device
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return rank_device(rank, cfg.device) if rank is not None else cfg.device
 
 
 def _mode(cfg: RunConfig, rank) -> str:

@@ -12,7 +12,6 @@ import platform
 import re
 import resource
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -129,17 +128,6 @@ def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def host_current_gib() -> float:
-    """Current resident set size, from /proc/self/status (0 where that file does not exist)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return 0.0
-
-
 def gpu_peaks_gib(device: torch.device) -> dict[str, float] | None:
     """``max_memory_allocated`` / ``max_memory_reserved`` since the last reset, or None off CUDA."""
     if device.type != "cuda":
@@ -199,3 +187,10 @@ def torchrun_rank() -> DistributedRank | None:
     except ValueError:
         raise UserError("RANK / WORLD_SIZE / LOCAL_RANK: expected integers (as torchrun sets them)") from None
     return DistributedRank(rank, world, local) if world > 1 else None
+
+
+def rank_device(rank: DistributedRank, requested: str) -> str:
+    """A torchrun rank computes on its local GPU (``cuda:LOCAL_RANK``) unless the CPU was asked for."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{rank.local_rank}"
+    return requested

@@ -10,6 +10,7 @@ after every model, so a share that dies leaves what it did.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -96,7 +97,7 @@ def write_part(out: Path, part: PartReport) -> None:
     path = part_path(out, part.label)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json_text(_as_dict(part)))
+        atomic_write_text(path, json_text(dataclasses.asdict(part)))
     except OSError as e:
         log.warning("%s: cannot write (%s)", path, e.strerror or e)
 
@@ -112,12 +113,6 @@ def read_parts(out: Path) -> list[PartReport]:
         except (OSError, ValueError, TypeError, KeyError):
             log.warning("%s: unreadable part report, ignored", path)
     return parts
-
-
-def _as_dict(part: PartReport) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(part)
 
 
 def compute_share(
@@ -285,10 +280,6 @@ def worker_threads(devices: Sequence[str]) -> int | None:
     if not all(d == "cpu" for d in devices):
         return None
     return max(1, (os.cpu_count() or 1) // len(devices))
-
-
-def lost_units(parts: Sequence[PartReport]) -> list[list[str]]:
-    return [u for p in parts for u in p.lost]
 
 
 def failed_models(parts: Sequence[PartReport]) -> dict[str, ModelResult]:
