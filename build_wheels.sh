@@ -40,7 +40,9 @@ OUT="./bundle"
 PYVER="3.12"
 PLATFORMS=()
 EXTRAS=()
-OWNER="YOUR_KAGGLE_USERNAME"
+# the owner kaggle/set_owner.sh wrote into the notebook's metadata, until --owner says otherwise
+OWNER="$(sed -n 's|^ *"id": "\([A-Za-z0-9_-]*\)/.*|\1|p' "$REPO/kaggle/kernel-metadata.json" 2>/dev/null | head -1)"
+OWNER="${OWNER:-YOUR_KAGGLE_USERNAME}"
 SLUG="ink-infer-wheels"
 TITLE="ink_infer wheels"
 PY="python3"
@@ -132,7 +134,8 @@ from pathlib import Path, PurePosixPath
 wheel, src = Path(sys.argv[1]), Path(sys.argv[2])
 names = zipfile.ZipFile(wheel).namelist()
 problems = []
-required = ["ink_infer/__init__.py", "ink_infer/submit.py", "ink_infer/manifest.py", "ink_infer/demo/demo_manifest.json"]
+required = ["ink_infer/__init__.py", "ink_infer/submit.py", "ink_infer/manifest.py", "ink_infer/weights_manifest.json",
+            "ink_infer/demo/demo_manifest.json"]
 demo = sorted(p.relative_to(src).as_posix() for pat in ("*.json", "*.pt") for p in (src / "ink_infer/demo").glob(pat))
 modules = sorted(p.relative_to(src).as_posix() for p in (src / "ink_infer").rglob("*.py"))
 for name in dict.fromkeys(required + demo + modules):
@@ -147,7 +150,7 @@ for name in names:
         problems.append(f"unexpected top-level entry {name}")
 for p in problems:
     print(f"  {wheel.name}: {p}", file=sys.stderr)
-print(f"  {len(names)} entries: the package, {len(demo)} demo file(s) ({', '.join(demo)}); "
+print(f"  {len(names)} entries: the package and its 18-model manifest, {len(demo)} demo file(s) ({', '.join(demo)}); "
       "no tests/, benchmarks/, training/, train.py")
 sys.exit(1 if problems else 0)
 EOF

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from .config import BLOCK, Budget
 from .results import ModelResult, Projection, SizeVerdict, Verdicts
 
@@ -52,19 +54,33 @@ def project(
     """A dry run's projection of one model's full run: hours for these fragments and for ``scale_to`` sizes.
 
     ``total_windows``: windows of a full run over these fragments; ``grid_blocks`` / ``touched_blocks``: blocks of
-    their grids / touching their masks (the share of a scaled fragment that would hold windows). The rate leaves
-    out the first batch (warm-up: cudnn autotuning, allocator growth) of each fragment that had several."""
-    frags = result.fragments.values()
-    several = [f.windows > f.batch_size for f in frags]
-    seconds = sum(f.seconds - (f.first_batch_s if s else 0.0) for f, s in zip(frags, several, strict=True))
-    counted = sum(f.windows - (f.batch_size if s else 0) for f, s in zip(frags, several, strict=True))
-    rate = seconds / max(counted, 1) if result.windows else 0.0
+    their grids / touching their masks (the share of a scaled fragment that would hold windows). The rate is the
+    median time per window over the timed batches, leaving out each fragment's first (warm-up: cudnn autotuning,
+    allocator growth, lazy initialisation), since a few slow batches must not flip the verdict; the 10th and 90th
+    percentiles say how much the batches varied."""
+    rates = warm_rates(result.fragments.values())
+    rate = float(np.median(rates)) / 1000 if rates else 0.0
+    spread = [float(v) / 1000 for v in np.percentile(rates, (10, 90))] if rates else None
     k = stride // BLOCK
     share = touched_blocks / grid_blocks if grid_blocks else 1.0
     scaled = {f"{h}x{w}": rate * share * (h // BLOCK) * (w // BLOCK) / (k * k) / 3600 for h, w in scale_to}
     return Projection(
-        s_per_window=rate, projected_hours=rate * total_windows / 3600, projected_hours_scaled=scaled
-    )
+        s_per_window=rate, projected_hours=rate * total_windows / 3600, projected_hours_scaled=scaled,
+        batches=len(rates), s_per_window_p10_p90=spread,
+    )  # fmt: skip
+
+
+def warm_rates(fragments) -> list[float]:
+    """ms per window of every timed batch but each fragment's first (all of them when none had a second); a
+    fragment timed without per-batch figures counts as one batch at its mean rate."""
+    warm, first = [], []
+    for f in fragments:
+        batches = f.batch_ms_per_window
+        if not batches:
+            batches = [1000 * f.seconds / f.windows] if f.windows else []
+        first.extend(batches[:1])
+        warm.extend(batches[1:])
+    return warm or first
 
 
 def verdicts(

@@ -13,6 +13,9 @@ from .errors import UserError
 N_SLICES = 65  # surface volumes hold slices 00.tif .. 64.tif
 BLOCK = 32  # the reference cuts fragments into 32 x 32 blocks; window origins and strides live on this grid
 ARCHS = ("2.5d", "csn3d")
+# Window-origin rows per streamed band at most: a power of two, so a multiple of every band's rows
+# (``stream.rows_per_band_for``); ``plan.split_rows`` cuts fragments at its multiples.
+MAX_ROWS_PER_BAND = 16
 # The reference models' widths, and which arch each optional width key belongs to.
 WIDTH_DEFAULTS = {"dim": 512, "base_channels": 64, "head_dim": 512}
 WIDTH_ARCH = {"dim": "2.5d", "base_channels": "csn3d", "head_dim": "csn3d"}
@@ -134,6 +137,16 @@ class RunConfig:
     num_parts: int = 1  # --num-parts / --part-id: compute one part of the units (array jobs), no outputs
     part_id: int = 0
     merge_only: bool = False  # build the outputs from the partials of every part; compute nothing
+    partials: Path | None = None  # --partials DIR; None: OUT/partials
+    keep_partials: bool = True  # False: delete the partials after a successful submission (Kaggle's default)
+    require_hashes: bool = False  # refuse weight files the manifest gives no sha256 for
+    progress_every: float = 60.0  # seconds between progress lines when stderr is not a terminal
+    argv: tuple[str, ...] = ()  # the command line, for report.json
+
+    @property
+    def partials_dir(self) -> Path:
+        """Where finished units are saved and resumed from."""
+        return self.partials if self.partials is not None else self.out / "partials"
 
     def __post_init__(self) -> None:
         from .schema import CLI_NUMBERS, Invalid, check_field
@@ -142,7 +155,7 @@ class RunConfig:
                    "--budget-hours": self.budget.hours, "--host-mem-gb": self.budget.host_mem_gb,
                    "--gpu-mem-gb": self.budget.gpu_mem_gb, "--max-nonfinite": self.max_nonfinite,
                    "--unit-windows": self.unit_windows, "--num-parts": self.num_parts,
-                   "--part-id": self.part_id}  # fmt: skip
+                   "--part-id": self.part_id, "--progress-every": self.progress_every}  # fmt: skip
         try:
             for option, value in numbers.items():
                 if value is not None or option != "--batch-size":  # None: chosen from the device

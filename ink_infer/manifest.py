@@ -10,9 +10,10 @@ Schema (format 1)::
 
 Manifest order is priority order: when the time budget runs short, later models are the ones skipped.
 
-    python -m ink_infer.manifest hash --weights DIR [--manifest FILE]
-
-fills in ``size`` and ``sha256`` for the weight files present under DIR and says which are missing.
+The package ships the 18 reference entries (``PACKAGED_MANIFEST``, hashes unknown: null). A run's manifest is
+``--manifest FILE``, else ``weights_manifest.json`` beside the weights (``--weights DIR``) when there is one, else
+the packaged one (``default_manifest``). ``python -m ink_infer.manifest hash --weights DIR`` records the size and
+sha256 of every weight file present under DIR into DIR/weights_manifest.json, which runs then pick up.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ HASH_CHUNK = 1 << 20
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_MANIFEST = PACKAGE_DIR / "demo" / "demo_manifest.json"
+PACKAGED_MANIFEST = PACKAGE_DIR / "weights_manifest.json"  # the 18 reference models, fold0 and fold1
+MANIFEST_NAME = "weights_manifest.json"
+
+
+def default_manifest(weights_dir: Path | None) -> Path:
+    """The manifest of a run without ``--manifest``: the weights folder's own (written by ``manifest hash``, so
+    it holds the files' hashes), else the packaged 18-entry one."""
+    if weights_dir is not None and (Path(weights_dir) / MANIFEST_NAME).is_file():
+        return Path(weights_dir) / MANIFEST_NAME
+    return PACKAGED_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -226,8 +237,8 @@ def verify_file(spec: ModelSpec, path: Path) -> str:
     return digest
 
 
-def hash_weights(manifest_path: Path, weights_dir: Path) -> tuple[list[str], list[str]]:
-    """Fill in size and sha256 of every present weight file; rewrite the manifest atomically.
+def hash_weights(manifest_path: Path, weights_dir: Path, out: Path) -> tuple[list[str], list[str]]:
+    """Fill in size and sha256 of every present weight file; write the manifest to ``out`` atomically.
 
     Returns (names hashed, names missing)."""
     manifest_path = Path(manifest_path)
@@ -243,27 +254,59 @@ def hash_weights(manifest_path: Path, weights_dir: Path) -> tuple[list[str], lis
         e["size"] = path.stat().st_size
         e["sha256"] = sha256_file(path)
         hashed.append(e["name"])
-    atomic_write_text(manifest_path, json.dumps(raw, indent=1) + "\n")
+    try:
+        atomic_write_text(out, json.dumps(raw, indent=1) + "\n")
+    except OSError as err:
+        raise UserError(f"{out}: cannot write ({err.strerror or err})") from None
     return hashed, missing
 
 
+HASH_HELP = """\
+Record the size and sha256 of each weight file present under --weights, so that runs verify the files before
+anything is unpickled. Reads --manifest (default: the packaged 18-model manifest) and writes --out (default:
+DIR/weights_manifest.json, which runs with --weights DIR use without --manifest).
+
+exit status: 0 every file hashed; 1 some files missing (the rest are recorded); 2 bad arguments or files.
+
+example:
+  python -m ink_infer.manifest hash --weights ink-infer-weights
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ink_infer.manifest", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    h = sub.add_parser("hash", help="fill in size and sha256 for the weight files present")
-    h.add_argument("--weights", type=Path, required=True)
-    h.add_argument("--manifest", type=Path, default=Path("weights_manifest.json"))
+    parser = argparse.ArgumentParser(
+        prog="python -m ink_infer.manifest", description="weights_manifest.json tools: hash the weight files"
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    h = sub.add_parser(
+        "hash", help="record size and sha256 of the weight files present", description=HASH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    h.add_argument(
+        "--weights", type=Path, required=True, metavar="DIR", help="the folder holding the weight files"
+    )
+    h.add_argument("--manifest", type=Path, default=None, metavar="FILE",
+                   help="the manifest to fill in (default: DIR/weights_manifest.json if present, else the packaged one)")  # fmt: skip
+    h.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="where the filled-in manifest goes (default: --manifest itself when given, else "
+                        "DIR/weights_manifest.json)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if not args.weights.is_dir():
-            raise UserError(f"{args.weights}: --weights is not a directory")
-        hashed, missing = hash_weights(args.manifest, args.weights)
+            raise UserError(f"{args.weights}: --weights is not a folder")
+        manifest = args.manifest or default_manifest(args.weights)
+        out = args.out or (args.manifest if args.manifest else args.weights / MANIFEST_NAME)
+        hashed, missing = hash_weights(manifest, args.weights, out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.manifest}: hashed {len(hashed)} file(s), {len(missing)} missing")
+    print(f"{out}: hashed {len(hashed)} file(s) of {manifest}, {len(missing)} missing under {args.weights}")
     for m in missing:
         print(f"  missing: {m}")
+    if missing:
+        print(f"error: {len(missing)} weight file(s) missing: copy them under {args.weights} and hash again",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

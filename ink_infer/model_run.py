@@ -25,6 +25,7 @@ from .models.checkpoint import load_weights, state_shapes
 from .partials import PartialStore
 from .plan import FragmentPlan, Unit, Weights
 from .predict import PredictStats, predict_fragment
+from .progress import RunProgress
 from .results import PARTIAL_REUSED, PARTIAL_SAVED, FragmentResult, ModelResult
 from .runtime import Runtime, gpu_peaks_gib, host_peak_gib
 from .stop import Interrupted, StopRequest
@@ -51,7 +52,6 @@ class ModelRunOptions:
     max_nonfinite: float = 0.01
     on_model_error: str = "skip"  # skip | fail
     fresh: bool = False  # --fresh: partials are written but never read
-    quiet: bool = True
 
 
 @dataclass
@@ -117,12 +117,18 @@ def load_model(
     return model.to(device=device, dtype=dtype).eval(), info
 
 
+def unit_windows(unit: Unit, options: ModelRunOptions) -> int:
+    """The windows a unit runs: all of them, or in a dry run its spread sample."""
+    return min(unit.windows, options.max_windows) if options.dry_run else unit.windows
+
+
 def fragment_result(stats: PredictStats, device: torch.device) -> FragmentResult:
     per_window = stats.seconds / stats.windows if stats.windows else None
     return FragmentResult(
         windows=stats.windows, seconds=stats.seconds, ms_per_window=per_window * 1000 if per_window else None,
         wait_read_s=stats.wait_read_s, nonfinite_windows=stats.nonfinite_windows, batch_size=stats.batch_size,
         first_batch_s=stats.first_batch_s, oom_retries=stats.oom_retries, device=str(device),
+        batch_ms_per_window=stats.batch_ms_per_window,
     )  # fmt: skip
 
 
@@ -136,9 +142,10 @@ def run_model(
     stop: StopRequest,
     eta: EtaMonitor | None = None,
     store: PartialStore | None = None,
+    progress: RunProgress | None = None,
 ) -> ModelRun:
     """One model over every fragment: partials reused (from ``store``, unless ``options.fresh``), the rest computed
-    and saved there. A model that would end past ``eta``'s deadline is skipped; a failing one is recorded and
+    and saved there (``progress`` shown as they run). A model that would end past ``eta``'s deadline is skipped; a failing one is recorded and
     skipped (``RunEnded`` with ``--on-model-error fail``). ``RunEnded`` also carries a stop request, data that went
     bad and a device failure up, with what the model did until then."""
     result = ModelResult(
@@ -153,10 +160,11 @@ def run_model(
         if store is not None and not options.fresh:
             sums.update(_reuse_partials(units, store, result))
         todo = [u for u in units if u.fragment.id not in sums]
+        if progress is not None:
+            progress.start_model(spec.name, sum(unit_windows(u, options) for u in todo))
         if todo:
-            sums.update(
-                _compute(spec, weights, todo, options, runtime, result, stop=stop, eta=eta, store=store)
-            )
+            sums.update(_compute(spec, weights, todo, options, runtime, result, stop=stop, eta=eta, store=store,
+                                 progress=progress))  # fmt: skip
         result.fragments = {p.id: result.fragments[p.id] for p in plans}  # in row order, reused or computed
         result.status = "ok"
     except BudgetSkip as e:
@@ -175,6 +183,10 @@ def run_model(
     except (UserError, DeviceError) as e:  # the data went bad mid-run, or the device failed: ends the run
         result.status, result.reason = "failed", str(e)
         raise RunEnded(_measured(result, runtime, t_model), e) from None
+    finally:
+        if progress is not None:
+            reused = sum(f.partial == PARTIAL_REUSED for f in result.fragments.values())
+            progress.end_model(result.status, time.perf_counter() - t_model, reused=reused)
     _measured(result, runtime, t_model)
     return ModelRun(result, sums if result.status == "ok" and not options.dry_run else {})
 
@@ -197,6 +209,7 @@ def _compute(
     stop: StopRequest,
     eta: EtaMonitor | None,
     store: PartialStore | None,
+    progress: RunProgress | None = None,
 ) -> dict[str, np.ndarray]:
     """Build and load the model, tune it, run the units ``todo``, free it. Returns their sum maps by fragment."""
     model = None
@@ -220,12 +233,14 @@ def _compute(
             eta.check(sum(u.windows for u in todo) * tuning.s_per_window, "by its probe")
         sums = {}
         windows_left = sum(u.windows for u in todo)
+        done = _Done()
         for unit in todo:
             stop.check()
             sum_map, stats = _run_unit(
-                model, unit, options, runtime, tuning.batch_size, stop, eta, windows_left
+                model, unit, options, runtime, tuning.batch_size, stop, eta, windows_left, progress, done
             )
             windows_left -= unit.windows
+            done.windows, done.seconds = done.windows + stats.windows, done.seconds + stats.seconds
             frag = fragment_result(stats, runtime.device)
             result.fragments[unit.fragment.id] = frag
             result.warnings.extend(
@@ -243,6 +258,14 @@ def _compute(
             torch.cuda.empty_cache()
 
 
+@dataclass
+class _Done:
+    """The model's units finished so far in this pass: windows and predict seconds (the progress figures)."""
+
+    windows: int = 0
+    seconds: float = 0.0
+
+
 def _run_unit(
     model: torch.nn.Module,
     unit: Unit,
@@ -252,9 +275,13 @@ def _run_unit(
     stop: StopRequest,
     eta: EtaMonitor | None,
     windows_left: int,
+    progress: RunProgress | None = None,
+    done: _Done | None = None,
 ) -> tuple[np.ndarray, PredictStats]:
     """One unit through ``predict_fragment`` (in a dry run only a spread sample of its windows); ``windows_left``:
-    this model's windows still to run, this unit's included (the budget check projects them)."""
+    this model's windows still to run, this unit's included (the budget check projects them); ``done``: what the
+    model's earlier units did (``progress`` counts over the model)."""
+    done = done or _Done()
     frag = unit.fragment
     origins, ops = frag.origins, frag.ops
     if options.dry_run:
@@ -263,6 +290,8 @@ def _run_unit(
 
     def on_batch(stats: PredictStats) -> None:
         stop.check()  # SIGTERM / SIGINT: stop between two batches
+        if progress is not None:
+            progress.update(done.windows + stats.windows, done.seconds + stats.seconds)
         if eta is not None:
             eta.after_batch(
                 batches=stats.batches, windows=stats.windows, seconds=stats.seconds,
@@ -273,8 +302,7 @@ def _run_unit(
         with open_volume(frag.fragment) as volume:
             return predict_fragment(
                 model, unit.model, volume, frag.touched, origins, ops, device=runtime.device, dtype=runtime.dtype,
-                batch_size=batch_size, tta=options.tta, quiet=options.quiet, desc=f"{unit.model.name}/{frag.id}",
-                on_batch=on_batch,
+                batch_size=batch_size, tta=options.tta, timed=options.dry_run, on_batch=on_batch,
             )  # fmt: skip
     except OSError as e:  # the data went away or went bad mid-run: no model can read it
         raise UserError(f"{frag.fragment.path}: cannot read ({e.strerror or e})") from None

@@ -36,6 +36,7 @@ def write_outputs(
     options: OutputOptions,
     *,
     partials_kept: int,
+    partials_dir: Path | None = None,
 ) -> SubmissionResult:
     """Threshold each fragment's ensemble, encode it, write previews and submission.csv (``partials_kept``: what
     the error message can promise a rerun when submission.csv cannot be written)."""
@@ -50,7 +51,8 @@ def write_outputs(
         if options.previews:
             path = options.out / "previews" / f"{plan.id}.png"
             try:
-                write_preview(path, prob, ink, plan.mask)
+                threshold = summary[plan.id].threshold  # thr as a float (or None)
+                write_preview(path, prob, ink, plan.mask, fragment_id=plan.id, threshold=threshold)
             except OSError as e:
                 log.warning("%s: preview not written (%s)", path, e.strerror or e)
     path = options.out / "submission.csv"
@@ -58,7 +60,7 @@ def write_outputs(
         write_submission(rows, path)
     except OSError as e:
         kept = (
-            f"{partials_kept} finished (model, fragment) result(s) are kept in {options.out / 'partials'}, rerun "
+            f"{partials_kept} finished (model, fragment) result(s) are kept in {partials_dir or options.out / 'partials'}, rerun "
             "the same command once there is room"
             if partials_kept
             else "no finished result could be saved either"

@@ -5,7 +5,8 @@ Partials. Each (model, fragment) result, the stitched sum map of ``predict_fragm
 always complete. It is keyed by ``plan.Unit.key``, a sha256 over everything that decides its bytes and nothing
 else: the model's output fields (not its file name, checksum or ensemble weight), the weights (their sha256, or the
 random-init seed), the fragment (id, shape, mask, and the slice files' names, sizes and mtimes), stride, TTA mode,
-device type and dtype, and the ink_infer / torch / timm versions. A rerun of the same command loads what is there instead of computing it; a file whose key differs is
+device type and dtype, the ink_infer / torch / timm versions and a hash of ink_infer's code (so a rerun after
+a code change never reuses what other code computed). A rerun of the same command loads what is there instead of computing it; a file whose key differs is
 never used, and is replaced when the new result is saved, so there is at most one file per (model, fragment).
 
 Only the 32 x 32 blocks that some window covers are stored (``finalize`` ignores every other pixel), as the
@@ -87,6 +88,18 @@ class PartialStore:
                 return json.loads(str(z["meta"][()])).get("digest") == digest
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return False
+
+    def clear(self) -> int:
+        """Remove every partial in the store (and the folder, once empty): after a successful submission on
+        Kaggle, where they would land in the notebook's saved output. Returns how many files went."""
+        files = sorted(self.root.glob("*.npz")) if self.root.is_dir() else []
+        for f in files:
+            f.unlink(missing_ok=True)
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass  # not empty (a user's own files) or already gone
+        return len(files)
 
     def save(self, unit: Unit, sum_map: np.ndarray, result: FragmentResult) -> str | None:
         """Write the unit's partial atomically; returns None, or why it could not be saved.

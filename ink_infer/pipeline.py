@@ -25,6 +25,7 @@ complete one: it is absent or valid, never partial.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import time
 
@@ -40,7 +41,8 @@ from .model_run import ModelRunOptions, RunEnded, run_model
 from .outputs import OutputOptions, write_outputs
 from .partials import PartialStore
 from .plan import FragmentPlan, Unit, UnitSettings, assign, model_count, plan_run
-from .preflight import check_free_space, check_stride, check_weights, prepare_out
+from .preflight import check_free_space, check_hashes, check_stride, check_weights, prepare_out
+from .progress import RunProgress
 from .results import (
     PARTIAL_REUSED,
     PARTIAL_SAVED,
@@ -62,6 +64,7 @@ from .workers import (
     plan_shares,
     read_parts,
     run_workers,
+    share_progress,
     worker_threads,
 )
 
@@ -72,7 +75,7 @@ def model_options(cfg: RunConfig, *, fresh: bool) -> ModelRunOptions:
     return ModelRunOptions(
         tta=cfg.tta, dry_run=cfg.dry_run, max_windows=cfg.max_windows, batch_size=cfg.batch_size,
         gpu_mem_gb=cfg.budget.gpu_mem_gb, max_nonfinite=cfg.max_nonfinite, on_model_error=cfg.on_model_error,
-        fresh=fresh, quiet=cfg.quiet,
+        fresh=fresh,
     )  # fmt: skip
 
 
@@ -94,14 +97,16 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
     outputs are then built by one process from the partials (``--merge-only``: from partials alone).
     """
     t0 = time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     prepare_out(cfg.out)
     manifest = load_manifest(cfg.manifest)
     check_stride(cfg.stride, manifest)
     threshold = cfg.threshold or manifest.threshold
     fragments, warnings = find_fragments(cfg.data)
     plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
-    disk = check_free_space(cfg.out, plans, manifest, dry_run=cfg.dry_run)
+    disk = check_free_space(cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run)
     weights = check_weights(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
+    unverified = check_hashes(manifest, weights, require=cfg.require_hashes)
     rank = torchrun_rank()
     devices = resolve_devices(cfg.devices) if cfg.devices else []
     if rank is not None and (cfg.devices or cfg.num_parts > 1 or cfg.merge_only):
@@ -114,12 +119,15 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
     for w in warnings:
         log.warning(w)
     report = RunReport(
-        status="running", mode=_mode(cfg, rank), manifest=str(manifest.path),
-        manifest_sha256=sha256_file(manifest.path), data=str(cfg.data), options=resolved_options(cfg, fresh=fresh),
+        status="running", mode=_mode(cfg, rank), started=started, command=list(cfg.argv),
+        manifest=str(manifest.path.absolute()), manifest_sha256=sha256_file(manifest.path),
+        data=str(cfg.data.absolute()), options=resolved_options(cfg, fresh=fresh),
         stride=cfg.stride, tta=cfg.tta, threshold=dataclasses.asdict(threshold),
         environment=environment(runtime.device), gpu_memory_fraction=runtime.gpu_memory_fraction, disk=disk,
         warnings=warnings, fragments={p.id: FragmentPlanned(list(p.shape), len(p.origins)) for p in plans},
-        partials=PartialsSummary(dir=None if cfg.dry_run else str(cfg.out / "partials"), fresh=fresh),
+        partials=PartialsSummary(dir=None if cfg.dry_run else str(cfg.partials_dir.absolute()), fresh=fresh,
+                                 keep=cfg.keep_partials),
+        unverified_weights=unverified,
     )  # fmt: skip
     report_path = cfg.out / "report.json"
     models = [(spec, weights[spec.name]) for spec in manifest.models]
@@ -163,8 +171,10 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
                     raise ModelRunError("no model finished: no submission written")
                 report.submission = write_outputs(
                     plans, ensembles, OutputOptions(cfg.out, threshold, cfg.previews),
-                    partials_kept=report.partials_kept,
+                    partials_kept=report.partials_kept, partials_dir=cfg.partials_dir,
                 )  # fmt: skip
+                if not cfg.keep_partials:  # the submission is written: nothing left to resume
+                    report.partials.deleted = PartialStore(cfg.partials_dir, _settings(cfg, runtime)).clear()
         except Interrupted as e:
             running = [m.name for m in report.models if m.status == "interrupted"]
             report.status = "interrupted"
@@ -239,12 +249,19 @@ def _compute_part(cfg, models, items, runtime, stop, t0, n, i, rank, *, fresh: b
     """This process's share of the units (part ``i`` of ``n``), saved as partials; under torchrun, every rank
     waits at a barrier for the others before rank 0 merges."""
     shares = plan_shares(models, items, [str(runtime.device)] * n, [part_label(n, j, rank) for j in range(n)])
-    store = PartialStore(cfg.out / "partials", _settings(cfg, runtime))
+    store = PartialStore(cfg.partials_dir, _settings(cfg, runtime))
     eta = EtaMonitor.for_budget(cfg.budget, t0)
     group = _join_group(cfg, rank) if rank is not None else None
     try:
         part = compute_share(
-            shares[i], model_options(cfg, fresh=fresh), runtime, stop=stop, store=store, eta=eta, out=cfg.out
+            shares[i],
+            model_options(cfg, fresh=fresh),
+            runtime,
+            stop=stop,
+            store=store,
+            eta=eta,
+            out=cfg.out,
+            progress=share_progress(shares[i], every=cfg.progress_every, quiet=cfg.quiet),
         )
     finally:
         if group is not None:
@@ -274,8 +291,8 @@ def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, 
                          {spec.name: w for spec, w in models})  # fmt: skip
     jobs = [
         WorkerJob(share.label, share.device, share.units, where, model_options(cfg, fresh=fresh),
-                  _settings(cfg, runtime), cfg.out, cfg.out / "partials", cfg.budget.gpu_mem_gb, deadline,
-                  worker_threads(devices))
+                  _settings(cfg, runtime), cfg.out, cfg.partials_dir, cfg.budget.gpu_mem_gb, deadline,
+                  worker_threads(devices), cfg.quiet, cfg.progress_every)
         for share in shares
     ]  # fmt: skip
     parts = run_workers(jobs, stop)
@@ -293,7 +310,7 @@ def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, 
 
 def _check_merge(models, items, runtime, cfg: RunConfig, elsewhere: Elsewhere) -> None:
     """--merge-only: every unit of every model that did not fail must have its partial; else one line each."""
-    store = PartialStore(cfg.out / "partials", _settings(cfg, runtime))
+    store = PartialStore(cfg.partials_dir, _settings(cfg, runtime))
     missing = [
         f"model {spec.name}, unit {item.id}: no partial in {store.root} (its part has not finished)"
         for spec, w in models
@@ -328,17 +345,21 @@ def _run_models(
     ensemble in manifest order, a fragment's row ranges summed in row order; a dry run projects each model's full
     run instead. Units that other processes saved are read back; a model that failed elsewhere joins nowhere."""
     options = model_options(cfg, fresh=fresh and not elsewhere.saved)
-    store = None if cfg.dry_run else PartialStore(cfg.out / "partials", _settings(cfg, runtime))
+    store = None if cfg.dry_run else PartialStore(cfg.partials_dir, _settings(cfg, runtime))
     eta = None if cfg.dry_run else EtaMonitor.for_budget(cfg.budget, t0)
+    progress = _progress(cfg, len(models), items)
     ensembles = [FragmentEnsemble(p.shape, p.mask) for p in plans]
     for spec, weights in models:
         stop.check()
         if spec.name in elsewhere.failed:
             report.add_model(elsewhere.failed[spec.name])
+            progress.pass_model()
             write_report(cfg.out / "report.json", report, t0, final=False)
             continue
         try:
-            done = run_model(spec, weights, items, options, runtime, stop=stop, eta=eta, store=store)
+            done = run_model(
+                spec, weights, items, options, runtime, stop=stop, eta=eta, store=store, progress=progress
+            )
         except RunEnded as e:
             report.add_model(e.result)
             raise e.cause from None
@@ -364,11 +385,17 @@ def _run_models(
     return ensembles
 
 
+def _progress(cfg: RunConfig, n_models: int, items) -> RunProgress:
+    """The run's progress display over ``n_models`` models of these items' windows (sampled in a dry run)."""
+    per_model = sum(min(len(i.origins), cfg.max_windows) if cfg.dry_run else len(i.origins) for i in items)
+    return RunProgress(n_models, per_model, every=cfg.progress_every, quiet=cfg.quiet)
+
+
 def interrupted_message(report: RunReport, cfg: RunConfig) -> str:
     """The one line an interrupted run ends with: where it stopped, what is kept, how to resume."""
     where = report.interrupted
     during = f" during model {where.model}" if where.model else ""
     return (
         f"interrupted by {where.signal}{during}: no submission written; {report.partials_kept} finished (model, "
-        f"fragment) result(s) kept in {cfg.out / 'partials'}: rerun the same command to resume"
+        f"fragment) result(s) kept in {cfg.partials_dir}: rerun the same command to resume"
     )

@@ -9,6 +9,7 @@ the same type, produces the same sums; ``partials.py`` stores them under ``Unit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -16,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import BLOCK, ModelSpec
+from .config import BLOCK, MAX_ROWS_PER_BAND, ModelSpec
 from .fragments import Fragment, load_mask, open_volume
-from .stream import MAX_ROWS_PER_BAND
 from .tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
 
 RANDOM_SEED = 0  # random-init rehearsals are reproducible, and their partials can be keyed by it
@@ -73,7 +73,7 @@ class FragmentPlan:
 
 def split_rows(plan: FragmentPlan, max_windows: int) -> list[FragmentPlan]:
     """The fragment as row ranges of about ``max_windows`` windows each (one range when it has no more), cut
-    only at multiples of ``stream.MAX_ROWS_PER_BAND`` origin rows (so a range may hold more, when one stripe of
+    only at multiples of ``config.MAX_ROWS_PER_BAND`` origin rows (so a range may hold more, when one stripe of
     that many rows does): a range holds the windows whose origin row falls in it, in the plan's order, each with
     its own flip op. Since the cuts fall between bands, a range runs the very batches of the single pass, and the
     fixed-point sums of the ranges (``stitch.SumMap``) add up to the single pass's to the last bit.
@@ -176,7 +176,7 @@ class Unit:
         """(sha256 hex digest, the key it hashes): everything that decides the unit's bytes, and nothing else.
 
         The model's output fields, its weights' identity (sha256, or the random-init seed), the fragment's
-        fingerprint, the run's ``settings`` and the ink_infer / torch / timm versions."""
+        fingerprint, the run's ``settings``, the ink_infer / torch / timm versions and ink_infer's code hash."""
         import timm
         import torch
 
@@ -189,10 +189,27 @@ class Unit:
             "fragment": self.fragment.fingerprint,
             "rows": None if self.fragment.rows is None else list(self.fragment.rows),
             **dataclasses.asdict(settings),
-            "versions": {"ink_infer": __version__, "torch": torch.__version__, "timm": timm.__version__},
+            "versions": {
+                "ink_infer": __version__,
+                "code": code_digest(),
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+            },  # fmt: skip
         }
         text = json.dumps(key, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of ink_infer's own code (every ``.py`` file of the package, by relative path): a result computed by
+    other code, even of the same version number, is never reused (``Unit.key``)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        if "__pycache__" not in f.parts:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def unit_cost(windows: int, flops_per_window: float) -> float:

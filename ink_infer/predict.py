@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .config import BLOCK, ModelSpec
 from .stitch import SumMap, upsample_probs
@@ -55,6 +53,7 @@ class PredictStats:
     oom_retries: int = 0
     batches: int = 0
     first_batch_s: float = 0.0  # wall time of the first batch (warm-up: cudnn autotuning, allocator growth)
+    batch_ms_per_window: list[float] | None = None  # timed passes (dry runs): each batch's ms per window
 
 
 def apply_flips(x: torch.Tensor, ops: np.ndarray) -> torch.Tensor:
@@ -235,8 +234,7 @@ def predict_fragment(
     batch_size: int,
     tta: str = "scheduled",
     rows_per_band: int | None = None,
-    quiet: bool = True,
-    desc: str = "",
+    timed: bool = False,
     on_batch: Callable[[PredictStats], None] | None = None,
 ) -> tuple[np.ndarray, PredictStats]:
     """Sum of window probabilities over the fragment's cover grid (``tiling.cover_grid``: the partial blocks of the
@@ -246,8 +244,11 @@ def predict_fragment(
     volume: a ``fragments.Volume`` (``read_band``, ``width``); touched: ``(gh, gw)`` bool blocks read as data;
     origins: ``(N, 2)`` block coords of the windows to run; ops: ``(N,)`` their flip op (``tta="scheduled"``).
     ``on_batch(stats)`` is called after every batch (the budget check; it may raise to stop the model).
+    ``timed`` (dry runs): every batch is synchronised and its time per window recorded
+    (``stats.batch_ms_per_window``): the windows it cut, ran and stitched, not the band reads and uploads a full
+    pass shares among many more windows than a sample does.
     """
-    stats = PredictStats(batch_size=batch_size)
+    stats = PredictStats(batch_size=batch_size, batch_ms_per_window=[] if timed else None)
     t_start = time.perf_counter()
     gw = touched.shape[1]
     tile, side, off = spec.tile, spec.side, spec.offset
@@ -262,9 +263,6 @@ def predict_fragment(
     plan = slab_plan(band_plan(origins, rows_per_band=rows_per_band), tile=tile)
     reader = SlabReader(volume.read_band, plan, z_range=spec.z_range, width=volume.width, pin=on_cuda)
     copy_stream = torch.cuda.Stream(device) if on_cuda else None
-    bar = tqdm(
-        total=len(origins), desc=desc, unit="win", disable=quiet or not sys.stderr.isatty(), leave=False
-    )
     held, sums, held_y0 = None, None, 0
     buffer = WindowBuffer()
     t_wait = time.perf_counter()
@@ -291,17 +289,17 @@ def predict_fragment(
             acc.add(probs, origins[idx, 0] * BLOCK + off, origins[idx, 1] * BLOCK + off)
             stats.windows += len(idx)
             stats.batches += 1
-            if stats.batches <= SYNCED_BATCHES:
+            if stats.batches <= SYNCED_BATCHES or timed:
                 if on_cuda:  # measured times, not queued kernels: the warm-up batch and the early rate
                     torch.cuda.synchronize(device)
                 if stats.batches == 1:
                     stats.first_batch_s = time.perf_counter() - t_batch
+                if timed:
+                    stats.batch_ms_per_window.append(1000 * (time.perf_counter() - t_batch) / len(idx))
             stats.seconds = time.perf_counter() - t_start
-            bar.update(len(idx))
             if on_batch is not None:
                 on_batch(stats)
         t_wait = time.perf_counter()
-    bar.close()
     sum_map = acc.to_fixed()
     stats.seconds = time.perf_counter() - t_start
     return sum_map, stats

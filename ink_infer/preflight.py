@@ -1,6 +1,9 @@
 """Everything the user can fix, found before any compute: an ``--out`` that is unwritable or too full, a stride
 wider than a model's square, weight files that are missing, fail their hash, or do not fit their model. Each is a
 ``UserError`` (one line per problem, exit 2).
+
+Importing this module does not import torch: the CLI runs ``check_arguments`` (paths, manifest, stride, weight
+files present) before torch loads, so a typo costs milliseconds, not the 4-14 s of importing torch and timm.
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ from pathlib import Path
 
 from .config import BLOCK
 from .errors import UserError
-from .manifest import Manifest, find_weights, resolve_weights, verify_file
-from .model_run import expected_state
-from .models.checkpoint import check_checkpoint
+from .manifest import Manifest, find_weights, load_manifest, verify_file
 from .plan import FragmentPlan, Weights, model_count
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ def prepare_out(out: Path) -> None:
         raise UserError(f"{out}: --out is not writable ({e.strerror or e})") from None
 
 
-def check_free_space(out: Path, plans: Sequence[FragmentPlan], manifest: Manifest, *, dry_run: bool) -> dict:
+def check_free_space(
+    out: Path, partials_dir: Path, plans: Sequence[FragmentPlan], manifest: Manifest, *, dry_run: bool
+) -> dict:
     """Free space under ``out`` against what the run will write, before any compute.
 
     Partials: the covered 32 x 32 blocks of every (model, fragment) as float32 (files already there are replaced,
@@ -43,13 +46,15 @@ def check_free_space(out: Path, plans: Sequence[FragmentPlan], manifest: Manifes
     too little for the partials is a warning (they are what a rerun resumes from, not the result). Returns the
     figures for report.json."""
     free = shutil.disk_usage(out).free
+    # the partials may live elsewhere (--partials): their own file system's room is what bounds them
+    partials_free = shutil.disk_usage(_existing(partials_dir)).free
     partials = 0
     if not dry_run:
         for spec in manifest.models:
             for p in plans:
                 partials += int((model_count(p, spec) > 0).sum()) * BLOCK * BLOCK * 4
-        if (out / "partials").is_dir():
-            partials -= sum(f.stat().st_size for f in (out / "partials").glob("*.npz"))
+        if partials_dir.is_dir():
+            partials -= sum(f.stat().st_size for f in partials_dir.glob("*.npz"))
     partials = max(partials, 0)
     outputs = OUTPUT_BYTES_PER_FRAGMENT * len(plans)
     mb = 2**20
@@ -58,12 +63,22 @@ def check_free_space(out: Path, plans: Sequence[FragmentPlan], manifest: Manifes
             f"{out}: {free / mb:.0f} MB free, the outputs need about {outputs / mb:.0f} MB "
             f"(and the partials {partials / mb:.0f} MB): free some space or choose another --out"
         )
-    if free < outputs + partials:
+    same_fs = _existing(partials_dir).stat().st_dev == out.stat().st_dev
+    room = free - outputs if same_fs else partials_free
+    if room < partials:
         log.warning(
             "%s: %.0f MB free, the partials need about %.0f MB: results that cannot be saved are not kept for a "
-            "rerun (the submission is unaffected)", out, free / mb, partials / mb,
+            "rerun (the submission is unaffected)", partials_dir, room / mb, partials / mb,
         )  # fmt: skip
     return {"free_bytes": free, "partials_bytes": partials, "outputs_bytes": outputs}
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (the partials folder is made when the first one is saved)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def check_stride(stride: int, manifest: Manifest) -> None:
@@ -76,6 +91,60 @@ def check_stride(stride: int, manifest: Manifest) -> None:
         )
 
 
+def check_arguments(data: Path, manifest_path: Path, weights_dir: Path | None, *, stride: int,
+                    allow_random: bool) -> Manifest:  # fmt: skip
+    """The checks that need no torch, run before it is imported: ``--data`` exists, the manifest is valid, the
+    stride fits it, ``--weights`` is a folder holding every file the manifest names. Returns the manifest."""
+    if not Path(data).exists():
+        raise UserError(
+            f"{data}: --data not found (expected /kaggle/input, the competition folder or a fragment dir)"
+        )
+    manifest = load_manifest(manifest_path)
+    check_stride(stride, manifest)
+    check_weight_files(manifest, weights_dir, allow_random=allow_random)
+    return manifest
+
+
+def check_weight_files(manifest: Manifest, weights_dir: Path | None, *, allow_random: bool) -> None:
+    """``weights_dir`` is a folder and holds every file the manifest names (unless ``allow_random``): one line
+    that counts what is missing, names the first, and says the ways out."""
+    if weights_dir is not None and Path(weights_dir).exists() and not Path(weights_dir).is_dir():
+        raise UserError(
+            f"{weights_dir}: --weights is a file, expected a folder holding the manifest's weight files"
+        )
+    if allow_random:
+        for spec in manifest.models:
+            find_weights(spec, weights_dir)  # a path escaping --weights is refused even when absent
+        return
+    missing = [spec for spec in manifest.models if find_weights(spec, weights_dir) is None]
+    if not missing:
+        return
+    first = missing[0]
+    where = f"under {weights_dir}" if weights_dir is not None else "(no --weights DIR given)"
+    named = f"{first.file} for model {first.name!r}" if first.file else f"model {first.name!r} names no file"
+    raise UserError(
+        f"{len(missing)} of {len(manifest.models)} weight files of {manifest.path} missing {where} (first: {named}): "
+        "put the checkpoints there (kaggle/README.md), or pass --allow-random-weights for a rehearsal; "
+        "`python -m ink_infer.manifest hash --weights DIR` then records their sizes and hashes"
+    )
+
+
+def check_hashes(manifest: Manifest, weights: dict[str, Weights], *, require: bool) -> list[str]:
+    """The models whose weight file the manifest gives no sha256 for (loaded unverified): a warning, or with
+    ``require`` (``--require-hashes``) a ``UserError``. Returns their names, for report.json."""
+    unverified = [s.name for s in manifest.models if weights[s.name].path is not None and s.sha256 is None]
+    if not unverified:
+        return []
+    what = (f"{len(unverified)} of {len(manifest.models)} weight file(s) have no sha256 in {manifest.path} "
+            f"(first: {unverified[0]})")  # fmt: skip
+    how = "`python -m ink_infer.manifest hash --weights DIR` records them"
+    if require:
+        raise UserError(f"{what}: refused (--require-hashes); {how}")
+    log.warning("%s: loaded unverified (corruption or a wrong file would go unnoticed); %s, and "
+                "--require-hashes refuses such files", what, how)  # fmt: skip
+    return unverified
+
+
 def check_weights(manifest: Manifest, weights_dir: Path | None, *, allow_random: bool) -> dict[str, Weights]:
     """Every model's weight file resolved inside ``weights_dir`` and checked (size, sha256), then opened (keys,
     shapes, hyper-parameters; not loaded: seconds for 18 files), before any compute.
@@ -86,11 +155,15 @@ def check_weights(manifest: Manifest, weights_dir: Path | None, *, allow_random:
     with random init (an explicit opt-in for rehearsals; the report marks each such model)."""
     import timm
 
+    from .model_run import expected_state
+    from .models.checkpoint import check_checkpoint
+
+    check_weight_files(manifest, weights_dir, allow_random=allow_random)
     weights: dict[str, Weights] = {}
     for spec in manifest.models:
         if spec.arch == "2.5d" and not timm.is_model(spec.backbone):
             raise UserError(f"{manifest.path}: model {spec.name!r}: unknown timm backbone {spec.backbone!r}")
-        path = find_weights(spec, weights_dir) if allow_random else resolve_weights(spec, weights_dir)
+        path = find_weights(spec, weights_dir)
         try:
             digest = verify_file(spec, path) if path is not None else None
         except OSError as e:

@@ -39,6 +39,9 @@ class FragmentResult:
     nonfinite_windows: int = 0  # windows whose outputs held NaN or inf (zeroed, still counted)
     batch_size: int = 0
     first_batch_s: float = 0.0  # wall time of the first batch (warm-up), left out of the dry run's rate
+    batch_ms_per_window: list[float] | None = (
+        None  # dry runs: each batch's ms per window (the projection's sample)
+    )
     oom_retries: int = 0
     partial: str | None = None  # PARTIAL_SAVED | PARTIAL_REUSED | "not saved (...)"; None in a dry run
     device: str | None = None  # where it was computed (a worker's device, or this process's)
@@ -54,9 +57,11 @@ class FragmentResult:
 class Projection:
     """A dry run's projection of one model's full run."""
 
-    s_per_window: float
+    s_per_window: float  # the median over the timed batches after each fragment's first (warm-up)
     projected_hours: float  # these fragments
     projected_hours_scaled: dict[str, float]  # "HxW" -> hours for one fragment of that size (--scale-to)
+    batches: int = 0  # timed batches the median is over
+    s_per_window_p10_p90: list[float] | None = None  # their spread
 
 
 @dataclass
@@ -160,6 +165,8 @@ class PartialsSummary:
     fresh: bool  # --fresh: partials are written but never read
     reused: list[list[str]] = field(default_factory=list)  # [model, fragment]
     ignored: list[list[str]] = field(default_factory=list)  # [model, fragment, why]
+    keep: bool = True  # False: deleted after a successful submission (--no-keep-partials; Kaggle's default)
+    deleted: int = 0  # files deleted after the submission was written
 
 
 @dataclass
@@ -180,6 +187,8 @@ class RunReport:
 
     status: str
     mode: str  # submit | dry-run
+    started: str  # ISO 8601, UTC
+    command: list[str]  # the command line (sys.argv)
     manifest: str
     manifest_sha256: str
     data: str
@@ -193,12 +202,18 @@ class RunReport:
     warnings: list[str]
     fragments: dict[str, FragmentPlanned]
     partials: PartialsSummary
+    unverified_weights: list[str] = field(
+        default_factory=list
+    )  # models whose file has no sha256 in the manifest
     models: list[ModelResult] = field(default_factory=list)
     parts: list[PartReport] = field(default_factory=list)  # the workers, parts or ranks that computed units
     projection: Verdicts | None = None
     submission: SubmissionResult | None = None
     interrupted: Interruption | None = None
     error: str | None = None
+    demo_scores: dict[str, float] | None = (
+        None  # --demo: F0.5 per fragment against the synthetic ground truth
+    )
     seconds: float = 0.0
     host_peak_gib: float = 0.0
 
@@ -242,14 +257,16 @@ def _jsonable(o: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def write_report(path: Path, report: RunReport, t0: float, *, final: bool) -> None:
-    """``path`` (OUT/report.json, or a part's own report) from ``report``, with the run's seconds (since ``t0``, a ``perf_counter``) and host peak.
+def write_report(path: Path, report: RunReport, t0: float | None, *, final: bool) -> None:
+    """``path`` (OUT/report.json, or a part's own report) from ``report``, with the run's seconds (since ``t0``, a
+    ``perf_counter``; None: as recorded, for a report amended after the run) and host peak.
 
     Only the final report is a must (a ``UserError`` if it cannot be written); the others (after each model, on
     a failure or an interruption) are progress notes that a full disk must not turn into a failed run."""
     from .runtime import host_peak_gib  # torch: not imported before the CLI's arguments are checked
 
-    report.seconds = time.perf_counter() - t0
+    if t0 is not None:
+        report.seconds = time.perf_counter() - t0
     report.host_peak_gib = host_peak_gib()
     text = json_text(report.as_dict())
     try:

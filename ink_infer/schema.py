@@ -162,6 +162,7 @@ CLI_NUMBERS: dict[str, Rule] = {
     "--unit-windows": Int(lo=1),
     "--num-parts": Int(lo=1, hi=100000),
     "--part-id": Int(lo=0),
+    "--progress-every": Real(lo=0.0),
 }
 
 

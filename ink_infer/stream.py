@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import BLOCK
+from .config import BLOCK, MAX_ROWS_PER_BAND
 from .tiling import Band
 
 _POLL_S = 0.1
@@ -134,9 +134,6 @@ class SlabReader:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-MAX_ROWS_PER_BAND = 16  # a power of two: a multiple of every band's rows (see rows_per_band_for)
 
 
 def rows_per_band_for(n_slices: int, width: int, *, tile: int, budget_bytes: int) -> int:

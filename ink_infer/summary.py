@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .results import RunReport, Verdicts
+from .results import PARTIAL_REUSED, ModelResult, RunReport, Verdicts
 
 TABLE = [
     ("name", "model", "s"),
     ("status", "status", "s"),
     ("windows", "windows", "d"),
     ("ms_per_window", "ms/window", ".1f"),
+    ("spread", "p10-p90 ms", "s"),
     ("projected_h", "projected h", ".3f"),
     ("gpu_gib", "peak GPU GiB", ".2f"),
     ("host_gib", "peak host GiB", ".2f"),
@@ -16,16 +17,28 @@ TABLE = [
 
 
 def table_rows(report: RunReport) -> list[dict]:
+    """One row per model. ms/window: a dry run's projected rate (the median of its warm batches), else the mean;
+    status ``reused`` when every unit came from partials (``ok, k/n reused`` for some)."""
     rows = []
     for m in report.models:
         seconds = sum(f.seconds for f in m.fragments.values())
+        p = m.projection
+        spread = p.s_per_window_p10_p90 if p else None
         rows.append({
-            "name": m.name, "status": m.status, "windows": m.windows,
-            "ms_per_window": 1000 * seconds / m.windows if m.windows else None,
-            "projected_h": m.projection.projected_hours if m.projection else None,
+            "name": m.name, "status": _status(m), "windows": m.windows,
+            "ms_per_window": 1000 * p.s_per_window if p else (1000 * seconds / m.windows if m.windows else None),
+            "spread": f"{1000 * spread[0]:.1f}-{1000 * spread[1]:.1f}" if spread else None,
+            "projected_h": p.projected_hours if p else None,
             "gpu_gib": (m.gpu_peak_gib or {}).get("reserved"), "host_gib": m.host_peak_gib,
         })  # fmt: skip
     return rows
+
+
+def _status(m: ModelResult) -> str:
+    reused = sum(f.partial == PARTIAL_REUSED for f in m.fragments.values())
+    if m.status != "ok" or not reused:
+        return m.status
+    return "reused" if reused == len(m.fragments) else f"ok, {reused}/{len(m.fragments)} reused"
 
 
 def format_verdicts(p: Verdicts) -> str:

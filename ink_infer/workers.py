@@ -29,6 +29,7 @@ from .errors import DeviceError, ModelRunError, UserError
 from .model_run import ModelRunOptions, RunEnded, run_model
 from .partials import PartialStore
 from .plan import FragmentPlan, UnitSettings, Weights, assign, unit_cost
+from .progress import RunProgress
 from .results import ModelResult, PartReport, json_text
 from .stop import Interrupted, StopRequest, signal_name
 
@@ -124,6 +125,7 @@ def compute_share(
     store: PartialStore,
     eta: EtaMonitor | None,
     out: Path,
+    progress: RunProgress | None = None,
 ) -> PartReport:
     """Run the share's units model by model, saving each as a partial; ``OUT/parts/<label>.json`` after every
     model. Raises what ends a run (``RunEnded``'s cause) after recording it in the part report."""
@@ -132,7 +134,9 @@ def compute_share(
     try:
         for spec, weights, items in share.models:
             stop.check()
-            done = run_model(spec, weights, items, options, runtime, stop=stop, eta=eta, store=store)
+            done = run_model(
+                spec, weights, items, options, runtime, stop=stop, eta=eta, store=store, progress=progress
+            )
             part.models.append(done.result)
             part.seconds = time.perf_counter() - t0
             write_part(out, part)
@@ -148,6 +152,14 @@ def compute_share(
         part.seconds = time.perf_counter() - t0
         write_part(out, part)
     return part
+
+
+def share_progress(share: Share, *, every: float, quiet: bool) -> RunProgress:
+    """Progress lines of one worker, part or rank, prefixed with its label (never bars: several processes share
+    the terminal)."""
+    windows = sum(len(item.origins) for _, _, items in share.models for item in items)
+    n = len(share.models)
+    return RunProgress(n, windows // max(n, 1), every=every, quiet=quiet, label=share.label, tty=False)
 
 
 def _ended(cause: BaseException) -> tuple[str, str, str | None]:
@@ -191,6 +203,8 @@ class WorkerJob:
         float | None
     )  # a perf_counter value: CLOCK_MONOTONIC, the same clock in every process of a machine
     threads: int | None  # CPU workers: torch threads each (one per core)
+    quiet: bool = False
+    progress_every: float = 60.0
 
     def share(self) -> Share:
         from .fragments import find_fragments
@@ -228,6 +242,7 @@ def worker_main(job: WorkerJob) -> None:
             compute_share(
                 share, job.options, runtime, stop=stop, store=PartialStore(job.partials, job.settings),
                 eta=None if job.deadline is None else EtaMonitor(job.deadline), out=job.out,
+                progress=share_progress(share, every=job.progress_every, quiet=job.quiet),
             )  # fmt: skip
         except Interrupted as e:
             code = 128 + e.signum

@@ -24,7 +24,7 @@ find_one() { # find_one WHAT FILE...: the one folder holding the given paths, or
 
 main() {
   shopt -s nullglob
-  local bundle manifest weights first hits
+  local bundle manifest manifests weights first hits
   bundle="$(find_one "ink_infer-*.whl (the bundle from build_wheels.sh)" \
     "$INPUT"/*/ink_infer-*.whl "$INPUT"/datasets/*/*/ink_infer-*.whl)"
   echo "bundle:  $bundle ($(cd "$bundle" && echo ink_infer-*.whl))"
@@ -37,18 +37,34 @@ main() {
     { echo "error: a dependency of ink_infer is missing from this image (see above); add its wheel with build_wheels.sh --extra" >&2; exit 2; }
   "$PYTHON" -c 'import ink_infer, sys; print("python: ", sys.executable, sys.version.split()[0]); print("package:", ink_infer.__file__, ink_infer.__version__)'
 
-  manifest="$(find_one "weights_manifest.json (the weights dataset)" \
-    "$INPUT"/*/weights_manifest.json "$INPUT"/*/*/weights_manifest.json \
-    "$INPUT"/datasets/*/*/weights_manifest.json "$INPUT"/datasets/*/*/*/weights_manifest.json)/weights_manifest.json"
-  # The weights may sit beside the manifest or, after an archive upload (-r tar/zip), a level deeper:
-  # the weights dir is wherever the manifest's first file is found.
+  # The weights dataset: the folder of a weights_manifest.json (written there by `manifest hash`: sizes and
+  # hashes), or else the folder holding the packaged manifest's first file. The weights may sit beside the manifest
+  # or, after an archive upload (-r tar/zip), a level deeper: the weights dir is wherever the first file is found.
+  manifests=("$INPUT"/*/weights_manifest.json "$INPUT"/*/*/weights_manifest.json
+    "$INPUT"/datasets/*/*/weights_manifest.json "$INPUT"/datasets/*/*/*/weights_manifest.json)
+  if [[ ${#manifests[@]} -gt 0 ]]; then
+    manifest="$(find_one "weights_manifest.json (the weights dataset)" "${manifests[@]}")/weights_manifest.json"
+  else
+    manifest="$("$PYTHON" -c 'from ink_infer.manifest import PACKAGED_MANIFEST; print(PACKAGED_MANIFEST)')"
+  fi
   first="$("$PYTHON" -c 'import json, sys; print(next((m["file"] for m in json.load(open(sys.argv[1]))["models"] if m.get("file")), ""))' "$manifest")"
-  weights="$(dirname "$manifest")"
+  weights=""
+  if [[ ${#manifests[@]} -gt 0 ]]; then weights="$(dirname "$manifest")"; fi
   if [[ -n "$first" && ! -f "$weights/$first" ]]; then
-    hits=("$weights"/*/"$first" "$INPUT"/*/"$first" "$INPUT"/*/*/"$first" "$INPUT"/datasets/*/*/"$first" "$INPUT"/datasets/*/*/*/"$first")
-    if [[ ${#hits[@]} -gt 0 ]]; then weights="${hits[0]%/"$first"}"; fi
+    hits=()
+    if [[ -n "$weights" ]]; then hits=("$weights"/*/"$first"); fi
+    hits+=("$INPUT"/*/"$first" "$INPUT"/*/*/"$first" "$INPUT"/datasets/*/*/"$first" "$INPUT"/datasets/*/*/*/"$first")
+    if [[ ${#hits[@]} -eq 0 ]]; then
+      echo "error: no $first under $INPUT: add the weights dataset to the notebook (see kaggle/README.md)" >&2
+      exit 2
+    fi
+    weights="${hits[0]%/"$first"}"
   fi
   echo "weights: $weights (manifest $manifest)"
+  # The README's command; --manifest only when the run would not find this manifest by itself (beside the weights,
+  # or the packaged one)
+  local manifest_arg=()
+  if [[ ${#manifests[@]} -gt 0 && "$(dirname "$manifest")" != "$weights" ]]; then manifest_arg=(--manifest "$manifest"); fi
 
   local extra=() gpus
   read -r -a extra <<<"$SUBMIT_ARGS"
@@ -57,8 +73,10 @@ main() {
   if [[ "$gpus" -ge 2 ]]; then extra=(--devices all ${extra[@]+"${extra[@]}"}); fi
   echo "gpus:    $gpus"
   cd "$WORKING"
-  "$PYTHON" -m ink_infer.submit --data "$INPUT" --manifest "$manifest" --weights "$weights" --out "$WORKING" \
-    ${extra[@]+"${extra[@]}"}
+  local cmd=(-m ink_infer.submit --data "$INPUT" --weights "$weights" --out "$WORKING"
+    ${manifest_arg[@]+"${manifest_arg[@]}"} ${extra[@]+"${extra[@]}"})
+  echo "run:     python ${cmd[*]}"
+  "$PYTHON" "${cmd[@]}"
   echo "submission: $WORKING/submission.csv, $(($(wc -l <"$WORKING/submission.csv") - 1)) rows"
 }
 

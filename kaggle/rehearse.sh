@@ -5,20 +5,25 @@
 #      (--system-site-packages: torch, timm, numpy, ... come from this machine's python; ink_infer must not);
 #   3. lay out kaggle_sim/input/{vesuvius-challenge-ink-detection (synthetic), ink-infer-wheels, ink-infer-weights}
 #      read-only, and kaggle_sim/working;
-#   4. run the notebook's own %%bash cell (kaggle/submission.ipynb) with the network cut where the machine allows;
+#   4. run the notebook's own %%bash cell (kaggle/submission.ipynb) with the network cut where the machine allows,
+#      as a Kaggle run (KAGGLE_KERNEL_RUN_TYPE set), and check that it ran the README's real-submission command as
+#      printed and left no partials in kaggle_sim/working;
 #   5. decode kaggle_sim/working/submission.csv against the fragment shapes and say where every piece came from.
 #
-#   kaggle/rehearse.sh                        # the demo manifest and its trained weights, from the wheel
-#   kaggle/rehearse.sh --weights DIR          # DIR laid out as the weights dataset (see kaggle/README.md)
+#   kaggle/rehearse.sh                  # the packaged 18-model manifest, with random-init checkpoints of the 18
+#                                       # reference models (no trained ones here): the real path, minutes on a CPU
+#   kaggle/rehearse.sh --demo           # the demo manifest and its trained weights, from the wheel: about a minute
+#   kaggle/rehearse.sh --weights DIR    # DIR laid out as the weights dataset (see kaggle/README.md)
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
 usage: kaggle/rehearse.sh [options]
-  --weights DIR          a weights dataset folder (weights_manifest.json beside <logdir>/fold{i}/...);
-                         without it the demo manifest and weights from the wheel run
+  --weights DIR          a weights dataset folder (<logdir>/fold{i}/best_fbeta.ckpt, and weights_manifest.json
+                         from `manifest hash`); without it, random-init checkpoints of the 18 reference models
+  --demo                 the demo manifest and its trained weights from the wheel instead (quick)
   --sim DIR              where the simulated /kaggle goes (default: ./kaggle_sim; replaced on each run)
-  --test ID:HxW,...      synthetic test fragments (default: a:160x200,b:192x224)
+  --test ID:HxW,...      synthetic test fragments (default: a:64x96,b:96x64; with --demo a:160x200,b:192x224)
   --python PY            the "preinstalled" interpreter the venv is made from (default: python3)
   --submit-args ARGS     more arguments for ink_infer.submit, e.g. '--stride 64 --tta none'
   --no-build-isolation   passed to build_wheels.sh (build with PY's own setuptools)
@@ -37,13 +42,15 @@ need_value() {
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SIM="./kaggle_sim"
 WEIGHTS_SRC=""
-TEST="a:160x200,b:192x224"
+DEMO=0
+TEST=""
 PY="python3"
 MORE_ARGS=""
 BUILD_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --weights) need_value "$@"; WEIGHTS_SRC="$2"; shift 2 ;;
+    --demo) DEMO=1; shift ;;
     --sim) need_value "$@"; SIM="$2"; shift 2 ;;
     --test) need_value "$@"; TEST="$2"; shift 2 ;;
     --python) need_value "$@"; PY="$2"; shift 2 ;;
@@ -54,10 +61,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 if [[ -n "$WEIGHTS_SRC" ]]; then
-  [[ -f "$WEIGHTS_SRC/weights_manifest.json" ]] ||
-    die "--weights $WEIGHTS_SRC: no weights_manifest.json there (lay it out as kaggle/README.md says)"
+  [[ $DEMO -eq 0 ]] || die "--demo and --weights: choose one"
+  [[ -d "$WEIGHTS_SRC" ]] || die "--weights $WEIGHTS_SRC: not a folder (lay it out as kaggle/README.md says)"
   WEIGHTS_SRC="$(cd "$WEIGHTS_SRC" && pwd)"
 fi
+# the reference models cost ~1 s per window on a CPU: small fragments keep the 18-model run to minutes
+if [[ -z "$TEST" ]]; then TEST="$([[ $DEMO -eq 1 ]] && echo a:160x200,b:192x224 || echo a:64x96,b:96x64)"; fi
 PY="$("$PY" -c 'import sys; print(sys.executable)')" || die "--python $PY: not a working python"
 # Nothing from this shell may leak the checkout into the simulated Kaggle python.
 unset PYTHONPATH PYTHONHOME PYTHONSTARTUP PYTHONUSERBASE
@@ -68,7 +77,7 @@ if [[ -e "$SIM" ]]; then
   chmod -R u+w "$SIM"
   rm -rf "$SIM"
 fi
-mkdir -p "$SIM/input" "$SIM/working" "$SIM/generated"
+mkdir -p "$SIM/input" "$SIM/working" "$SIM/generated" "$SIM/tmp"
 SIM="$(cd "$SIM" && pwd)"
 INPUT="$SIM/input"
 WORKING="$SIM/working"
@@ -134,7 +143,7 @@ if [[ -n "$WEIGHTS_SRC" ]]; then
   # A link, so a multi-GB weights folder is not copied; chmod -R does not follow it, so the original keeps its modes.
   ln -s "$WEIGHTS_SRC" "$WEIGHTS"
   echo "  weights: $WEIGHTS -> $WEIGHTS_SRC"
-else
+elif [[ $DEMO -eq 1 ]]; then
   # The demo manifest (and any demo weights) from the wheel itself: what the bundle ships is what runs.
   "$PY" - "$BUNDLE/$WHEEL" "$WEIGHTS" <<'EOF'
 import sys
@@ -150,6 +159,30 @@ with zipfile.ZipFile(wheel) as zf:
 (out / "demo_manifest.json").rename(out / "weights_manifest.json")
 EOF
   echo "  weights: the demo manifest and checkpoints from $WHEEL, as $WEIGHTS/weights_manifest.json"
+else
+  # Checkpoints of the packaged manifest's 18 entries in the team's layout (the EMA copy in float16, ~1.2 GB), from
+  # seeded random init: the real loading, verification and model code run; the masks mean nothing.
+  (cd "$REPO" && "$PY" - "$WEIGHTS" <<'EOF')
+import sys
+from pathlib import Path
+
+import torch
+
+from ink_infer.manifest import PACKAGED_MANIFEST, load_manifest
+from ink_infer.models import build_model
+from ink_infer.models.checkpoint import EMA_PREFIX, hyper_parameters_for
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+specs = load_manifest(PACKAGED_MANIFEST).models
+for spec in specs:
+    state = {EMA_PREFIX + k: v.half() if v.is_floating_point() else v for k, v in build_model(spec).state_dict().items()}
+    path = out / spec.file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, "hyper_parameters": hyper_parameters_for(spec)}, path)
+print(f"  weights: random-init checkpoints of the {len(specs)} packaged entries in {out} (no weights_manifest.json: "
+      "the run uses the packaged one)")
+EOF
 fi
 chmod -R a-w "$INPUT"
 
@@ -181,9 +214,28 @@ PIP_UNSET=()
 for v in $(compgen -e); do
   if [[ "$v" == PIP_* ]]; then PIP_UNSET+=(-u "$v"); fi
 done
+# As on Kaggle: KAGGLE_KERNEL_RUN_TYPE set (partials go to a temporary folder, deleted after the submission), with
+# that temporary folder inside the simulation, where this script can look.
 (cd "$WORKING" && env ${PIP_UNSET[@]+"${PIP_UNSET[@]}"} PIP_CONFIG_FILE=/dev/null INPUT="$INPUT" WORKING="$WORKING" \
-  PYTHON="$VPY" SUBMIT_ARGS="$SUBMIT_ARGS" "${RUN[@]}" <"$SIM/notebook_cell.sh") ||
+  PYTHON="$VPY" SUBMIT_ARGS="$SUBMIT_ARGS" KAGGLE_KERNEL_RUN_TYPE=Batch TMPDIR="$SIM/tmp" \
+  "${RUN[@]}" <"$SIM/notebook_cell.sh") 2>&1 | tee "$SIM/notebook_cell.log" ||
   die "the notebook's commands failed (see above)"
+
+# The README's real-submission command, as printed there, with /kaggle/input and /kaggle/working mapped here.
+readme="$(grep -A3 'rehearse.sh runs this line' "$REPO/README.md" | grep -m1 '^python -m ink_infer.submit')" ||
+  die "README.md: no real-submission command under its 'rehearse.sh runs this line' marker"
+expected="${readme//\/kaggle\/input/$INPUT}"
+expected="${expected//\/kaggle\/working/$WORKING}"
+ran="$(sed -n 's/^run: *//p' "$SIM/notebook_cell.log")"
+if [[ -z "$SUBMIT_ARGS" ]]; then
+  [[ "$ran" == "$expected" ]] || die "the notebook ran '$ran'; the README says '$readme' ('$expected' here)"
+  echo "  the notebook ran the README's command as printed: $readme"
+else
+  echo "  note: --submit-args given: the notebook's command differs from the README's by them"
+fi
+left="$(find "$WORKING" "$SIM/tmp" -name '*.npz' | head -3)"
+[[ -z "$left" ]] || die "partials left behind after the submission: $left"
+echo "  no partials left in $WORKING, nor in the run's temporary folder"
 
 echo "==== 5/5 check $WORKING/submission.csv with ink_infer.rle.rle_decode"
 (cd "$WORKING" && "$VPY" - "$INPUT/vesuvius-challenge-ink-detection" "$SIM/generated/ground_truth" "$VENV" <<'EOF')
@@ -236,8 +288,10 @@ for m in (torch, timm, numpy):
 EOF
 if [[ -n "$WEIGHTS_SRC" ]]; then
   echo "  weights:    $WEIGHTS_SRC"
-else
+elif [[ $DEMO -eq 1 ]]; then
   echo "  weights:    the demo manifest and its trained checkpoints, from the wheel"
+else
+  echo "  weights:    random-init checkpoints of the packaged manifest's 18 models (F0.5 means nothing)"
 fi
 echo "  data:       synthetic, $TEST ($INPUT/vesuvius-challenge-ink-detection)"
 echo "  network:    $NET"

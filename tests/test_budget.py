@@ -1,5 +1,5 @@
-"""The dry run's arithmetic and the budget check, on hand-built results: a projection's rate leaves out each
-fragment's warm-up batch, scaled sizes follow the mask's share of the grid and the stride, verdicts add hours
+"""The dry run's arithmetic and the budget check, on hand-built results: a projection's rate is the median of the
+timed batches less each fragment's warm-up batch, scaled sizes follow the mask's share of the grid and the stride, verdicts add hours
 over models and take the largest memory peak, and the ETA check fires once per pass, after the warm-up."""
 
 from __future__ import annotations
@@ -7,27 +7,44 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
+from ink_infer import model_run
 from ink_infer.budget import WARMUP_BATCHES, BudgetSkip, EtaMonitor, project, verdicts
 from ink_infer.config import Budget
 from ink_infer.results import FragmentResult, ModelResult, Projection
+from ink_infer.submit import main
+from tests.helpers import report_of, write_manifest
 
 
 def result(name: str, fragments: dict, status: str = "ok", **kw) -> ModelResult:
     return ModelResult(name, "2.5d", status, fragments=fragments, **kw)
 
 
-def test_projection_leaves_out_the_warm_up_batch_and_scales_by_mask_share_and_stride():
+def test_projection_is_the_median_of_the_warm_batches_and_scales_by_mask_share_and_stride():
     m = result("m", {
-        "a": FragmentResult(windows=40, seconds=5.0, batch_size=8, first_batch_s=1.0),  # (5 - 1) s / 32 windows
-        "b": FragmentResult(windows=4, seconds=0.6, batch_size=8, first_batch_s=0.6),  # one batch: all counted
+        # each fragment's first batch is warm-up, left out; one slow batch (900) does not move a median
+        "a": FragmentResult(windows=40, seconds=5.0, batch_size=8, batch_ms_per_window=[400, 100, 120, 900, 110]),
+        "b": FragmentResult(windows=16, seconds=2.0, batch_size=8, batch_ms_per_window=[300, 130]),
     })  # fmt: skip
     p = project(m, total_windows=3600, grid_blocks=200, touched_blocks=50, stride=64, scale_to=[(3200, 6400)])
-    rate = (4.0 + 0.6) / (32 + 4)
+    rate = 0.120  # the median of 100, 120, 900, 110, 130 ms
     assert p.s_per_window == pytest.approx(rate)
+    assert p.batches == 5
+    lo, hi = p.s_per_window_p10_p90
+    assert lo == pytest.approx(0.104) and hi == pytest.approx(0.592)  # numpy's linear percentiles
     assert p.projected_hours == pytest.approx(rate * 3600 / 3600)
     # a 3200 x 6400 fragment: 100 x 200 blocks, a quarter of them in the mask, one window per 2 x 2 blocks
     assert p.projected_hours_scaled == {"3200x6400": pytest.approx(rate * 0.25 * 100 * 200 / 4 / 3600)}
+
+
+def test_a_sample_of_one_batch_per_fragment_counts_those_batches():
+    m = result("m", {
+        "a": FragmentResult(windows=8, seconds=1.0, batch_size=8, batch_ms_per_window=[125]),
+        "b": FragmentResult(windows=4, seconds=0.6, batch_size=8),  # no per-batch figures: its mean
+    })  # fmt: skip
+    p = project(m, total_windows=100, grid_blocks=1, touched_blocks=1, stride=32, scale_to=[])
+    assert p.s_per_window == pytest.approx((0.125 + 0.150) / 2) and p.batches == 2
 
 
 def test_a_model_with_no_windows_projects_zero():
@@ -81,3 +98,45 @@ def test_the_eta_check_fires_once_per_pass_after_the_warm_up_and_projects_what_i
 def test_the_budget_deadline_keeps_the_safety_margin_back():
     eta = EtaMonitor.for_budget(Budget(hours=1.0, safety_margin=0.25), t0=100.0)
     assert eta.deadline == pytest.approx(100.0 + 2700.0)
+
+
+class KnownCost(torch.nn.Module):
+    """A stand-in whose cost is known: ``warmup`` seconds on its first call (lazy initialisation, autotuning),
+    then ``per_window`` seconds per window; constant logits (no compute of its own to blur the figures)."""
+
+    def __init__(self, per_window: float, warmup: float) -> None:
+        super().__init__()
+        self.per_window, self.warmup, self.calls = per_window, warmup, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.per_window * len(x) + (self.warmup if self.calls == 1 else 0.0))
+        return torch.zeros((len(x), 1, x.shape[-2] // 32, x.shape[-1] // 32), dtype=x.dtype)
+
+
+def test_the_dry_run_projects_a_known_cost_full_run(data, tmp_path, monkeypatch) -> None:
+    """A dry run's projection against the full run it projects, with a model whose cost is known: the warm-up
+    (1 s, 50 windows' worth) stays out of the rate, and the projection lands on the full run's time per window."""
+    per_window, warmup = 0.02, 1.0
+    monkeypatch.setattr(model_run, "build_model", lambda spec: KnownCost(per_window, warmup))
+    manifest = write_manifest(tmp_path / "one.json", lambda m: m["models"].pop())  # m25d alone
+    argv = ["--data", str(data), "--manifest", str(manifest), "--allow-random-weights", "--stride", "32",
+            "--batch-size", "2", "--quiet", "--no-previews"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "dry"), "--dry-run", "--max-windows", "16"]) == 0
+    dry = report_of(tmp_path / "dry")["models"][0]
+    projection = dry["projection"]
+    timed = [len(f["batch_ms_per_window"]) for f in dry["fragments"].values()]
+    assert min(timed) >= 4 and projection["batches"] == sum(timed) - len(timed)  # less each fragment's first
+    assert projection["s_per_window"] == pytest.approx(per_window, rel=0.25)  # the warm-up left out
+    windows = sum(f["windows"] for f in dry["fragments"].values())
+    sampled = sum(f["seconds"] for f in dry["fragments"].values()) / windows
+    assert sampled > per_window + 0.8 * warmup / windows  # what a plain mean would have projected
+    lo, hi = projection["s_per_window_p10_p90"]
+    assert lo <= projection["s_per_window"] <= hi
+
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    full = report_of(tmp_path / "full")["models"][0]
+    full_seconds = sum(f["seconds"] for f in full["fragments"].values())
+    full_windows = sum(f["windows"] for f in full["fragments"].values())
+    assert projection["projected_hours"] * 3600 == pytest.approx(per_window * full_windows, rel=0.25)
+    assert projection["projected_hours"] * 3600 == pytest.approx(full_seconds - warmup, rel=0.25)

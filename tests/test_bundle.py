@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import site
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def test_wheel_holds_the_package_and_demo_only(wheel: Path) -> None:
         for p in (REPO / "ink_infer/demo").glob(pat)
     }
     assert "ink_infer/demo/demo_manifest.json" in demo
+    demo.add("ink_infer/weights_manifest.json")  # the default manifest: the 18 reference models
     assert modules | demo <= names, sorted((modules | demo) - names)
     tops = {n.split("/")[0] for n in names}
     assert tops == {"ink_infer", f"ink_infer-{_version()}.dist-info"}
@@ -228,7 +230,7 @@ def test_notebook_runs_the_shared_commands_verbatim() -> None:
         '"$INPUT"/*/ink_infer-*.whl',
         '"$INPUT"/datasets/*/*/ink_infer-*.whl',
         '-m pip install --no-index --no-deps --force-reinstall --find-links "$bundle" ink_infer',
-        '-m ink_infer.submit --data "$INPUT" --manifest "$manifest" --weights "$weights" --out "$WORKING"',
+        '-m ink_infer.submit --data "$INPUT" --weights "$weights" --out "$WORKING"',
     ):
         assert needle in commands
 
@@ -273,8 +275,34 @@ def test_notebook_commands_find_bundle_and_weights(tmp_path: Path, mount: str, n
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = log.read_text().splitlines()
     assert f"-m pip install --no-index --no-deps --force-reinstall --find-links {bundle} ink_infer" in calls
-    submit = f"-m ink_infer.submit --data {inp} --manifest {weights}/weights_manifest.json --weights {root} --out {work}"
-    assert submit in calls
+    # the README's command; the manifest is named only when the run would not find it beside the weights
+    submit = f"-m ink_infer.submit --data {inp} --weights {root} --out {work}"
+    assert submit + (f" --manifest {weights}/weights_manifest.json" if nested else "") in calls
+
+
+def test_notebook_commands_find_weights_without_a_manifest_by_the_packaged_one(tmp_path: Path) -> None:
+    """A weights dataset of checkpoints alone: found by the packaged manifest's first file, and the README's
+    real-submission command run as printed there (with /kaggle mapped to this folder)."""
+    inp, work = tmp_path / "input", tmp_path / "working"
+    bundle, weights = inp / "wheels", inp / "ink-infer-weights"
+    for d in (bundle, work, inp / "vesuvius-challenge-ink-detection"):
+        d.mkdir(parents=True)
+    (bundle / "ink_infer-0.1.0-py3-none-any.whl").write_bytes(b"")
+    first = json.loads((REPO / "ink_infer/weights_manifest.json").read_text())["models"][0]["file"]
+    (weights / first).parent.mkdir(parents=True)
+    (weights / first).write_bytes(b"")
+    log = tmp_path / "log"
+    env = clean_env(INPUT=str(inp), WORKING=str(work), PYTHON=str(_fake_python(tmp_path)), LOG=str(log),
+                    REAL=sys.executable, REPO=str(REPO))  # fmt: skip
+    with open(KAGGLE / "notebook_commands.sh") as script:
+        proc = subprocess.run(
+            ["bash"], stdin=script, cwd=work, env=env, capture_output=True, text=True, timeout=60
+        )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    readme = (REPO / "README.md").read_text().split("rehearse.sh runs this line", 1)[1]
+    command = next(ln for ln in readme.splitlines() if ln.startswith("python -m ink_infer.submit"))
+    command = command.replace("/kaggle/input", str(inp)).replace("/kaggle/working", str(work))
+    assert command.removeprefix("python ") in log.read_text().splitlines()
 
 
 def test_notebook_commands_fail_without_a_bundle(tmp_path: Path) -> None:
@@ -308,6 +336,28 @@ def test_weights_dataset_template() -> None:
     assert 6 <= len(meta["title"]) <= 50 and meta["licenses"] == [{"name": "CC0-1.0"}]
 
 
-@pytest.mark.parametrize("script", ["build_wheels.sh", "kaggle/rehearse.sh", "kaggle/notebook_commands.sh"])
+@pytest.mark.parametrize(
+    "script", ["build_wheels.sh", "kaggle/rehearse.sh", "kaggle/notebook_commands.sh", "kaggle/set_owner.sh"]
+)
 def test_scripts_parse(script: str) -> None:
     run(["bash", "-n", REPO / script], cwd=REPO)
+
+
+def test_set_owner_writes_the_user_name_into_every_metadata_file(tmp_path: Path) -> None:
+    kaggle = tmp_path / "kaggle"
+    shutil.copytree(KAGGLE, kaggle)
+    assert subprocess.run(["bash", kaggle / "set_owner.sh", "bad name!"], capture_output=True).returncode == 2
+    proc = subprocess.run(["bash", kaggle / "set_owner.sh", "scroll-reader"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    kernel = json.loads((kaggle / "kernel-metadata.json").read_text())
+    weights = json.loads((kaggle / "weights-dataset-metadata.json").read_text())
+    assert (
+        kernel["id"] == "scroll-reader/ink-infer-submission"
+        and weights["id"] == "scroll-reader/ink-infer-weights"
+    )
+    assert kernel["dataset_sources"] == ["scroll-reader/ink-infer-wheels", "scroll-reader/ink-infer-weights"]
+    assert "YOUR_KAGGLE_USERNAME" not in (kaggle / "kernel-metadata.json").read_text()
+    assert (
+        kernel["enable_internet"] is False
+        and '"enable_internet": false' in (kaggle / "kernel-metadata.json").read_text()
+    )

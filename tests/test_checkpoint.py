@@ -26,7 +26,9 @@ from ink_infer.models.checkpoint import (
 from ink_infer.models.inkdet25d import InkDet25D
 
 ROOT = Path(__file__).resolve().parents[1]
-IO_SHAPES = Path("/work/shared/reference/state_dicts/_io_shapes.json")
+IO_SHAPES = (
+    ROOT.parent / "shared" / "reference" / "state_dicts" / "_io_shapes.json"
+)  # ../shared beside the checkout
 SPEC = ModelSpec(
     name="tiny_fold0",
     arch="2.5d",

@@ -4,6 +4,7 @@ pipeline of a real submission, scored on the held-out synthetic demo fragments (
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import ink_infer.plan
 from ink_infer.manifest import DEMO_MANIFEST, load_manifest
 from ink_infer.submit import DEMO_SEED, demo_scores, main
+from tests.helpers import report_of
 
 TRAIN_SEED = 7  # README: the demo checkpoints were trained on `python -m ink_infer.synthetic ... --seed 7`
 RANDOM_SEEDS = (
@@ -50,16 +52,17 @@ def test_trained_demo_models_find_ink(demo_out: Path) -> None:
 
 
 def test_truth_previews_show_the_scored_pixels(demo_out: Path) -> None:
-    """Green, red and blue pixels of OUT/previews/<id>_truth.png are the hits, false ink and missed ink behind F0.5."""
+    """The blue, orange-red and yellow pixels (``TRUTH_COLOURS``) of OUT/previews/<id>_truth.png under its header
+    are the hits, false ink and missed ink behind F0.5 (the legend's swatches in the header are not counted)."""
     import cv2
     import numpy as np
 
-    from ink_infer.previews import TRUTH_COLOURS
+    from ink_infer.previews import TRUTH_COLOURS, body_of
 
     scores = demo_scores(demo_out / "demo_data" / "vesuvius-challenge-ink-detection", demo_out)
     for frag_id, score in scores.items():
-        img = cv2.imread(str(demo_out / "previews" / f"{frag_id}_truth.png"))
-        n = {k: int((img == np.array(c, np.uint8)).all(-1).sum()) for k, c in TRUTH_COLOURS.items()}
+        body = body_of(cv2.imread(str(demo_out / "previews" / f"{frag_id}_truth.png")))
+        n = {k: int((body == np.array(c, np.uint8)).all(-1).sum()) for k, c in TRUTH_COLOURS.items()}
         assert n["hit"] > 0 and n["papyrus"] > n["hit"]
         assert 1.25 * n["hit"] / (1.25 * n["hit"] + 0.25 * n["missed"] + n["false"]) == pytest.approx(score)
 
@@ -81,3 +84,21 @@ def test_random_weights_do_not(demo_out: Path, tmp_path: Path, monkeypatch: pyte
     for frag_id in ("a", "b"):
         mean = sum(run[frag_id] for run in runs) / len(runs)
         assert mean < 0.2, (frag_id, runs)
+
+
+def test_the_demo_records_its_scores_in_the_report(demo_out: Path) -> None:
+    data = demo_out / "demo_data" / "vesuvius-challenge-ink-detection"
+    assert report_of(demo_out)["demo_scores"] == pytest.approx(demo_scores(data, demo_out))
+
+
+def test_demo_dry_run_projects_without_data_or_weights(demo_out: Path, tmp_path: Path, capsys) -> None:
+    """``--demo --dry-run``: the documented way to try a dry run with nothing but the package."""
+    out = tmp_path / "dry"
+    shutil.copytree(demo_out / "demo_data", out / "demo_data")  # the same synthetic set (written once, kept)
+    assert main(["--demo", "--out", str(out), "--dry-run", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "projected time, these fragments:" in printed and "dry run: no submission" in printed
+    assert "F0.5" not in printed  # nothing to score without a submission
+    rep = report_of(out)
+    assert rep["mode"] == "dry-run" and not (out / "submission.csv").exists()
+    assert all(m["status"] == "ok" and m["projection"]["batches"] > 0 for m in rep["models"])

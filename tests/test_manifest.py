@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from ink_infer.errors import UserError
-from ink_infer.manifest import DEMO_MANIFEST, load_manifest, main
+from ink_infer.manifest import DEMO_MANIFEST, PACKAGED_MANIFEST, default_manifest, load_manifest, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,27 +26,67 @@ def test_reference_manifest_has_the_18_entries_in_priority_order():
         assert (s.crop == 192) == (s.arch == "csn3d")
 
 
-def test_hash_fills_in_size_and_sha256_and_names_the_missing(tmp_path, capsys):
-    manifest = tmp_path / "weights_manifest.json"
-    shutil.copy(ROOT / "weights_manifest.json", manifest)
-    weights = tmp_path / "w"
-    first = load_manifest(manifest).models[0]
+def test_the_package_ships_the_18_entry_manifest_and_the_repo_links_to_it():
+    assert PACKAGED_MANIFEST.is_file() and PACKAGED_MANIFEST.parent.name == "ink_infer"
+    assert (ROOT / "weights_manifest.json").resolve() == PACKAGED_MANIFEST.resolve()
+
+
+def test_a_run_without_manifest_uses_the_weights_folders_own_else_the_packaged_one(tmp_path):
+    assert default_manifest(None) == PACKAGED_MANIFEST
+    assert default_manifest(tmp_path) == PACKAGED_MANIFEST
+    (tmp_path / "weights_manifest.json").write_text("{}")
+    assert default_manifest(tmp_path) == tmp_path / "weights_manifest.json"
+
+
+def _one_checkpoint(weights: Path) -> None:
+    first = load_manifest(PACKAGED_MANIFEST).models[0]
     (weights / first.file).parent.mkdir(parents=True)
     (weights / first.file).write_bytes(b"checkpoint bytes")
-    assert main(["hash", "--weights", str(weights), "--manifest", str(manifest)]) == 0
-    out = capsys.readouterr().out
-    assert "hashed 1 file(s), 17 missing" in out and "missing: " in out
-    entry = json.loads(manifest.read_text())["models"][0]
+
+
+def test_hash_writes_the_weights_folders_manifest_and_exits_1_naming_the_missing(tmp_path, capsys):
+    weights = tmp_path / "w"
+    _one_checkpoint(weights)
+    before = PACKAGED_MANIFEST.read_bytes()
+    assert main(["hash", "--weights", str(weights)]) == 1  # 17 of the packaged 18 are not there
+    captured = capsys.readouterr()
+    assert "hashed 1 file(s)" in captured.out and "17 missing" in captured.out and "missing: " in captured.out
+    assert captured.err.startswith("error: 17 weight file(s) missing") and len(captured.err.splitlines()) == 1
+    assert PACKAGED_MANIFEST.read_bytes() == before  # the package's own file is never written
+    written = weights / "weights_manifest.json"
+    entry = json.loads(written.read_text())["models"][0]
     assert entry["size"] == 16 and entry["sha256"] == hashlib.sha256(b"checkpoint bytes").hexdigest()
-    assert load_manifest(manifest).models[0].sha256 == entry["sha256"]  # still a valid manifest
+    assert load_manifest(written).models[0].sha256 == entry["sha256"]  # still a valid manifest
+    assert default_manifest(weights) == written  # which runs with --weights w now use
+
+
+def test_hash_exits_0_when_every_file_is_there(tmp_path, capsys):
+    weights = tmp_path / "w"
+    _one_checkpoint(weights)
+    one = json.loads(PACKAGED_MANIFEST.read_text())
+    one["models"] = one["models"][:1]
+    manifest = tmp_path / "one.json"
+    manifest.write_text(json.dumps(one))
+    assert main(["hash", "--weights", str(weights), "--manifest", str(manifest)]) == 0  # in place
+    assert "hashed 1 file(s)" in capsys.readouterr().out
+    assert load_manifest(manifest).models[0].size == 16
 
 
 def test_hash_with_a_missing_weights_dir_exits_2(tmp_path, capsys):
-    assert (
-        main(["hash", "--weights", str(tmp_path / "nope"), "--manifest", str(ROOT / "weights_manifest.json")])
-        == 2
-    )
-    assert "not a directory" in capsys.readouterr().err
+    assert main(["hash", "--weights", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_hash_help_has_every_option_explained_and_no_markup(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["hash", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "::" not in text  # no raw reST
+    for option in ("--weights DIR", "--manifest FILE", "--out FILE"):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(option))
+        assert len(line.strip()) > len(option) + 5, line  # a help text follows the option
+    assert "exit status" in text
 
 
 @pytest.mark.parametrize(
