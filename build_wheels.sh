@@ -115,7 +115,7 @@ fi
 [[ -f "$STAGE/setup.cfg" && -f "$STAGE/ink_infer/__init__.py" ]] || die "$REPO: no setup.cfg / ink_infer/ to build"
 
 echo "== building the ink_infer wheel with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
-"$PY" -m pip wheel --no-deps ${ISOLATION[@]+"${ISOLATION[@]}"} -w "$WHEELS" "$STAGE" ||
+"$PY" -m pip wheel -q --no-deps ${ISOLATION[@]+"${ISOLATION[@]}"} -w "$WHEELS" "$STAGE" ||
   die "building the ink_infer wheel failed (see above)"
 shopt -s nullglob
 built=("$WHEELS"/ink_infer-*.whl)
@@ -175,6 +175,6 @@ echo "== bundle ready: $OUT"
 (cd "$OUT" && for f in *; do printf '  %-60s %10s bytes  sha256 %s\n' "$f" "$(stat -c %s "$f")" \
   "$(sha256sum "$f" | cut -c1-16)"; done)
 if [[ "$OWNER" == YOUR_KAGGLE_USERNAME ]]; then
-  echo "  note: dataset id is $OWNER/$SLUG: rerun with --owner <your Kaggle user name> before uploading"
+  echo "  note: dataset id is $OWNER/$SLUG: run kaggle/set_owner.sh <your Kaggle user name> (or pass --owner) before uploading"
 fi
 echo "  upload:  kaggle datasets create -p $OUT     (a new version later: kaggle datasets version -p $OUT -m '...')"

@@ -32,7 +32,7 @@ main() {
   # opencv-python-headless would not satisfy the `opencv-python` requirement by name); the imports below check them.
   # --force-reinstall: an ink_infer already installed (an earlier bundle of the same version, a stale editable
   # install) would otherwise "satisfy" the requirement and the bundle's code would not run.
-  "$PYTHON" -m pip install --no-index --no-deps --force-reinstall --find-links "$bundle" ink_infer
+  "$PYTHON" -m pip install -q --no-index --no-deps --force-reinstall --find-links "$bundle" ink_infer
   "$PYTHON" -c 'import torch, timm, numpy, tifffile, cv2, scipy, tqdm' ||
     { echo "error: a dependency of ink_infer is missing from this image (see above); add its wheel with build_wheels.sh --extra" >&2; exit 2; }
   "$PYTHON" -c 'import ink_infer, sys; print("python: ", sys.executable, sys.version.split()[0]); print("package:", ink_infer.__file__, ink_infer.__version__)'

@@ -11,7 +11,7 @@
 #   5. decode kaggle_sim/working/submission.csv against the fragment shapes and say where every piece came from.
 #
 #   kaggle/rehearse.sh                  # the packaged 18-model manifest, with random-init checkpoints of the 18
-#                                       # reference models (no trained ones here): the real path, minutes on a CPU
+#                                       # reference models (no trained ones here): the real path, 5 min on 2 CPU cores
 #   kaggle/rehearse.sh --demo           # the demo manifest and its trained weights, from the wheel: about a minute
 #   kaggle/rehearse.sh --weights DIR    # DIR laid out as the weights dataset (see kaggle/README.md)
 set -euo pipefail
@@ -136,7 +136,7 @@ fi
 echo "  ink_infer is not importable before the install: good"
 
 echo "==== 3/5 input: synthetic test fragments $TEST, the bundle, the weights; read-only"
-(cd "$REPO" && "$PY" -m ink_infer.synthetic "$SIM/generated" --train 0 --test "$TEST" --seed 7)
+(cd "$REPO" && "$PY" -m ink_infer.synthetic "$SIM/generated" --train 0 --test "$TEST" --seed 7) | sed "s/^/  data: /"
 mv "$SIM/generated/vesuvius-challenge-ink-detection" "$INPUT/"
 SUBMIT_ARGS="$MORE_ARGS"
 if [[ -n "$WEIGHTS_SRC" ]]; then
@@ -160,7 +160,7 @@ with zipfile.ZipFile(wheel) as zf:
 EOF
   echo "  weights: the demo manifest and checkpoints from $WHEEL, as $WEIGHTS/weights_manifest.json"
 else
-  # Checkpoints of the packaged manifest's 18 entries in the team's layout (the EMA copy in float16, ~1.2 GB), from
+  # Checkpoints of the packaged manifest's 18 entries in the team's layout (the EMA copy in float16, 1.1 GB), from
   # seeded random init: the real loading, verification and model code run; the masks mean nothing.
   (cd "$REPO" && "$PY" - "$WEIGHTS" <<'EOF')
 import sys
