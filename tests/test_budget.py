@@ -122,15 +122,17 @@ def test_the_dry_run_projects_a_known_cost_full_run(data, tmp_path, monkeypatch)
     manifest = write_manifest(tmp_path / "one.json", lambda m: m["models"].pop())  # m25d alone
     argv = ["--data", str(data), "--manifest", str(manifest), "--allow-random-weights", "--stride", "32",
             "--batch-size", "2", "--quiet", "--no-previews"]  # fmt: skip
-    assert main([*argv, "--out", str(tmp_path / "dry"), "--dry-run", "--max-windows", "16"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "dry"), "--dry-run", "--max-windows", "8"]) == 0
     dry = report_of(tmp_path / "dry")["models"][0]
     projection = dry["projection"]
     timed = [len(f["batch_ms_per_window"]) for f in dry["fragments"].values()]
     assert min(timed) >= 4 and projection["batches"] == sum(timed) - len(timed)  # less each fragment's first
-    assert projection["s_per_window"] == pytest.approx(per_window, rel=0.25)  # the warm-up left out
     windows = sum(f["windows"] for f in dry["fragments"].values())
+    # the sleep is a floor (cutting and stitching windows add a few ms of their own); the warm-up is left out,
+    # where a plain mean would have carried it (warmup / windows more per window)
+    assert per_window <= projection["s_per_window"] < per_window + 0.5 * warmup / windows
     sampled = sum(f["seconds"] for f in dry["fragments"].values()) / windows
-    assert sampled > per_window + 0.8 * warmup / windows  # what a plain mean would have projected
+    assert sampled > per_window + 0.8 * warmup / windows
     lo, hi = projection["s_per_window_p10_p90"]
     assert lo <= projection["s_per_window"] <= hi
 
@@ -138,5 +140,6 @@ def test_the_dry_run_projects_a_known_cost_full_run(data, tmp_path, monkeypatch)
     full = report_of(tmp_path / "full")["models"][0]
     full_seconds = sum(f["seconds"] for f in full["fragments"].values())
     full_windows = sum(f["windows"] for f in full["fragments"].values())
-    assert projection["projected_hours"] * 3600 == pytest.approx(per_window * full_windows, rel=0.25)
-    assert projection["projected_hours"] * 3600 == pytest.approx(full_seconds - warmup, rel=0.25)
+    assert full_windows > 2 * windows  # the projection reaches past what it sampled
+    # what the full run spent on its windows, its one warm-up aside: the figure the projection stands for
+    assert projection["projected_hours"] * 3600 == pytest.approx(full_seconds - warmup, rel=0.2)
