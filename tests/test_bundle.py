@@ -274,7 +274,9 @@ def test_notebook_commands_find_bundle_and_weights(tmp_path: Path, mount: str, n
         )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = log.read_text().splitlines()
-    assert f"-m pip install -q --no-index --no-deps --force-reinstall --find-links {bundle} ink_infer" in calls
+    assert (
+        f"-m pip install -q --no-index --no-deps --force-reinstall --find-links {bundle} ink_infer" in calls
+    )
     # the README's command; the manifest is named only when the run would not find it beside the weights
     submit = f"-m ink_infer.submit --data {inp} --weights {root} --out {work}"
     assert submit + (f" --manifest {weights}/weights_manifest.json" if nested else "") in calls
