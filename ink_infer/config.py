@@ -142,6 +142,18 @@ class RunConfig:
     require_hashes: bool = False  # refuse weight files the manifest gives no sha256 for
     progress_every: float = 60.0  # seconds between progress lines when stderr is not a terminal
     argv: tuple[str, ...] = ()  # the command line, for report.json
+    layers: tuple[int, int] | None = None  # --layers START:STOP of a segment's stack; None: the middle 65
+    reverse_layers: bool = False  # --reverse-layers: the stack's depth runs the other way
+    save_probabilities: bool | None = (
+        None  # probability TIFFs and ink PNGs; None: for segments, not Kaggle runs
+    )
+    save_model_maps: bool = False  # also each model's probability TIFF
+
+    @property
+    def layer_choice(self):
+        from .segments import LayerChoice
+
+        return LayerChoice(self.layers, self.reverse_layers)
 
     @property
     def partials_dir(self) -> Path:

@@ -1,15 +1,18 @@
-"""Finding fragments in the Kaggle layout, and streaming their slices band by band.
+"""Finding fragments, and streaming their slices band by band.
 
 ``find_fragments(data)`` accepts ``/kaggle/input`` (or any folder holding the competition folder), the competition
-folder itself, a folder of fragment folders, or one fragment folder. ``Volume(fragment)`` checks all 65 slice files
-at open (names, TIFF headers, shapes, dtypes, truncation) and then serves ``read_band(y0, y1, z0, z1)``: rows
-[y0, y1) of slices [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16, never the whole volume.
+folder itself, a folder of fragment folders, or one fragment folder; a fragment is in the Kaggle layout
+(``surface_volume/00.tif .. 64.tif``), or a scroll segment (``layers/*.tif``, or a ``.zarr`` store: ``segments.py``).
+``Volume(fragment)`` checks all 65 slice files at open (names, TIFF headers, shapes, dtypes, truncation) and then
+serves ``read_band(y0, y1, z0, z1)``: rows [y0, y1) of slices [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 (uint8
+data scaled by 257), never the whole volume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import os
 import re
@@ -22,6 +25,17 @@ import numpy as np
 
 from .config import N_SLICES
 from .errors import UserError
+from .segments import (
+    LAYERS_DIR,
+    LayerChoice,
+    ZarrVolume,
+    is_segment,
+    is_zarr,
+    layer_files,
+    open_zarr_array,
+    segment_id,
+    segment_mask,
+)
 from .slices import DecodedSlice, MappedSlice, open_slice
 
 log = logging.getLogger(__name__)
@@ -33,13 +47,17 @@ _SLICE_NAME = re.compile(r"(\d+)\.tiff?", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Fragment:
-    """One fragment: ``path`` is the folder holding ``surface_volume/`` and ``mask.png``."""
+    """One fragment: ``path`` is the folder holding ``surface_volume/`` and ``mask.png`` (layout ``kaggle``), a
+    segment's folder holding ``layers/`` (``segment``), or a ``.zarr`` store (``zarr``); ``layers``: for segments,
+    the stack indices the models' 65 layers read, in their order (``segments.LayerChoice``)."""
 
     id: str
     path: Path
     row_id: str | None = (
         None  # the Id exactly as sample_submission.csv spells it (spaces kept), when it has one
     )
+    layout: str = "kaggle"
+    layers: tuple[int, ...] | None = None
 
     @property
     def submission_id(self) -> str:
@@ -47,17 +65,23 @@ class Fragment:
         return self.id if self.row_id is None else self.row_id
 
 
-def find_fragments(data: Path, *, split: str = "test") -> tuple[list[Fragment], list[str]]:
+def find_fragments(
+    data: Path, *, split: str = "test", layers: LayerChoice | None = None
+) -> tuple[list[Fragment], list[str]]:
     """Fragments of ``split`` under ``data`` in submission row order, plus warnings for the user.
 
     Rows follow ``sample_submission.csv`` when the competition folder has one (test split only); otherwise ids are
-    sorted (numbers numerically) and, for the test split, a warning says so.
+    sorted (numbers numerically) and, for the test split, a warning says so. ``layers``: which 65 layers of a
+    segment's stack the models read (default: the middle ones).
     """
     data = Path(data)
+    choice = layers or LayerChoice()
     if not data.is_dir():
         raise UserError(f"{data}: not a folder; expected the Kaggle input or competition folder")
     if (data / "surface_volume").is_dir():
         return [Fragment(data.name, data)], []
+    if is_segment(data) or is_zarr(data):
+        return [_segment(data, choice)], []
     comp = _competition_dir(data, split)
     root = data if comp is None else (comp / split if (comp / split).is_dir() else comp)
     found, warnings = _fragment_dirs(root)
@@ -85,19 +109,33 @@ def find_fragments(data: Path, *, split: str = "test") -> tuple[list[Fragment], 
             warnings.append(f"{root}: {', '.join(unlisted)} not in {SAMPLE_SUBMISSION}: not predicted")
     else:
         ids = sorted(found, key=_natural_key)
-        if split == "test" and ids:
+        if split == "test" and any((found[i] / "surface_volume").is_dir() for i in ids):  # Kaggle-layout ones
             warnings.append(
                 f"no {SAMPLE_SUBMISSION} found for {root}: fragments in sorted order {', '.join(ids)}"
             )
     if not ids:
         raise UserError(f"{data}: no {split} fragments found (expected folders holding surface_volume/)")
     # row_id only where the sample spells the Id otherwise (surrounding spaces): it is written back as spelled
-    return [
-        Fragment(
-            frag_id, found[frag_id], spelled[frag_id] if spelled.get(frag_id, frag_id) != frag_id else None
+    fragments = []
+    for frag_id in ids:
+        row_id = spelled[frag_id] if spelled.get(frag_id, frag_id) != frag_id else None
+        path = found[frag_id]
+        if (path / "surface_volume").is_dir():
+            fragments.append(Fragment(frag_id, path, row_id))
+        else:
+            fragments.append(dataclasses.replace(_segment(path, choice), row_id=row_id))
+    return fragments, warnings
+
+
+def _segment(path: Path, choice: LayerChoice) -> Fragment:
+    """A scroll segment (``layers/`` or ``.zarr``), with the 65 layers of its stack that ``choice`` picks."""
+    if is_zarr(path):
+        array, axis, _ = open_zarr_array(path)
+        return Fragment(
+            segment_id(path), path, layout="zarr", layers=choice.pick(array.shape[axis], str(path))
         )
-        for frag_id in ids
-    ], warnings
+    files = layer_files(path / LAYERS_DIR, str(path / LAYERS_DIR))
+    return Fragment(path.name, path, layout="segment", layers=choice.pick(len(files), str(path / LAYERS_DIR)))
 
 
 def _competition_dir(data: Path, split: str) -> Path | None:
@@ -128,10 +166,10 @@ def _fragment_dirs(root: Path) -> tuple[dict[str, Path], list[str]]:
     for child in sorted(root.iterdir()):
         if not child.is_dir() or child.name.startswith("."):
             continue
-        if (child / "surface_volume").is_dir():
-            found[child.name] = child
+        if (child / "surface_volume").is_dir() or is_segment(child) or is_zarr(child):
+            found[segment_id(child)] = child
         elif child.name not in ("train", "test"):
-            warnings.append(f"{child}: no surface_volume/ folder, skipped")
+            warnings.append(f"{child}: no surface_volume/ or layers/ folder, not a .zarr store: skipped")
     return found, warnings
 
 
@@ -177,7 +215,11 @@ class Volume:
     def __init__(self, fragment: Fragment, *, root: Path | None = None) -> None:
         self.fragment = fragment
         self._base = Path(root) if root is not None else fragment.path.parent.parent
-        paths, self.warnings = _slice_paths(fragment.path / "surface_volume", self._base, root)
+        if fragment.layout == "segment":
+            paths, self.warnings = _layer_paths(fragment, self._base, root), []
+        else:
+            paths, self.warnings = _slice_paths(fragment.path / "surface_volume", self._base, root)
+        self.paths = paths
         with contextlib.ExitStack() as stack:
             self._slices: list[MappedSlice | DecodedSlice] = []
             for path in paths:
@@ -186,6 +228,7 @@ class Volume:
                 self._slices.append(source)
             shapes = [src.shape for src in self._slices]
             _check_shapes(shapes, paths, self._base)
+            _check_dtypes([src.dtype for src in self._slices], paths, self._base)
             single = sum(getattr(src, "single_segment", False) for src in self._slices)
             if single:
                 self.warnings.append(
@@ -272,6 +315,16 @@ def _slice_paths(volume_dir: Path, base: Path, root: Path | None) -> tuple[list[
     return paths, warnings
 
 
+def _layer_paths(fragment: Fragment, base: Path, root: Path | None) -> list[Path]:
+    """A segment's 65 layer files, in the models' order (``Fragment.layers``)."""
+    layers_dir = fragment.path / LAYERS_DIR
+    files = layer_files(layers_dir, _display(layers_dir, base))
+    paths = [files[i] for i in fragment.layers]
+    for path in paths:
+        _check_slice_file(path, base, root)
+    return paths
+
+
 def _check_slice_file(path: Path, base: Path, root: Path | None) -> None:
     shown = _display(path, base)
     if not path.exists():
@@ -280,6 +333,13 @@ def _check_slice_file(path: Path, base: Path, root: Path | None) -> None:
         raise UserError(f"{shown}: not a file")
     if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
         raise UserError(f"{shown}: resolves to {path.resolve()}, outside the data folder {root}")
+
+
+def _check_dtypes(dtypes: list[np.dtype], paths: list[Path], base: Path) -> None:
+    common = Counter(dtypes).most_common(1)[0][0]
+    odd = [(p, d) for p, d in zip(paths, dtypes, strict=True) if d != common]
+    if odd:
+        raise UserError(f"{_display(odd[0][0], base)}: dtype {odd[0][1]}, other slices {common}")
 
 
 def _check_shapes(shapes: list[tuple[int, int]], paths: list[Path], base: Path) -> None:
@@ -293,10 +353,10 @@ def _check_shapes(shapes: list[tuple[int, int]], paths: list[Path], base: Path) 
 def load_mask(fragment: Fragment, shape: tuple[int, ...]) -> tuple[np.ndarray, str | None]:
     """The fragment's mask as ``(H, W)`` bool (pixel > 0), ``shape`` being ``(H, W)`` or ``(65, H, W)``.
 
-    A missing ``mask.png`` gives all True and a warning; the reference binarises with PIL ``convert("1")``, which
-    agrees with ``> 0`` on the 0/255 masks Kaggle ships.
+    A missing ``mask.png`` (a segment's ``<seg>_mask.png``) gives all True and a warning; the reference binarises
+    with PIL ``convert("1")``, which agrees with ``> 0`` on the 0/255 masks Kaggle ships.
     """
-    path = fragment.path / "mask.png"
+    path = fragment.path / "mask.png" if fragment.layout == "kaggle" else segment_mask(fragment.path)
     if not path.exists():
         return np.ones(
             shape[-2:], bool
@@ -347,9 +407,11 @@ def native_stderr_silenced():
         os.close(saved)
 
 
-def open_volume(fragment: Fragment) -> Volume:
+def open_volume(fragment: Fragment) -> Volume | ZarrVolume:
     """The fragment's slices, refusing any (symlinked) slice that resolves outside the folder of fragments.
 
     The folder is taken after resolving, so a data mount that is itself a symlink (as Kaggle's may be) is fine.
     """
+    if fragment.layout == "zarr":
+        return ZarrVolume(fragment.path, fragment.layers)
     return Volume(fragment, root=fragment.path.resolve().parent)

@@ -1,4 +1,5 @@
-"""The tail of a run: ensemble mean -> percentile threshold -> RLE -> previews and submission.csv.
+"""The tail of a run: ensemble mean -> percentile threshold -> RLE -> previews and submission.csv (and, for
+researchers, the full-resolution probability TIFFs and ink PNGs of ``maps.py``).
 
 A preview that cannot be written is a warning; a submission.csv that cannot be written is a ``UserError`` and
 leaves the previous file (or none) in place: submission.csv is only ever replaced, atomically, by a complete one.
@@ -14,6 +15,7 @@ from pathlib import Path
 from .config import ThresholdSpec
 from .ensemble import FragmentEnsemble
 from .errors import UserError
+from .maps import write_mask_png, write_probability_tiff
 from .plan import FragmentPlan
 from .previews import write_preview
 from .results import FragmentOutput, SubmissionResult
@@ -28,6 +30,7 @@ class OutputOptions:
     out: Path
     threshold: ThresholdSpec
     previews: bool = True
+    probabilities: bool = False  # OUT/probabilities/<id>.tif and OUT/masks/<id>.png
 
 
 def write_outputs(
@@ -40,7 +43,7 @@ def write_outputs(
 ) -> SubmissionResult:
     """Threshold each fragment's ensemble, encode it, write previews and submission.csv (``partials_kept``: what
     the error message can promise a rerun when submission.csv cannot be written)."""
-    rows, summary = [], {}
+    rows, summary, maps = [], {}, []
     for plan, ens in zip(plans, ensembles, strict=True):
         prob, region = ens.mean(), ens.region(options.threshold.region)
         ink, thr = binarize(prob, region, options.threshold.percentile)
@@ -55,6 +58,8 @@ def write_outputs(
                 write_preview(path, prob, ink, plan.mask, fragment_id=plan.id, threshold=threshold)
             except OSError as e:
                 log.warning("%s: preview not written (%s)", path, e.strerror or e)
+        if options.probabilities:
+            maps.extend(_write_maps(options.out, plan.id, prob, ink))
     path = options.out / "submission.csv"
     try:
         write_submission(rows, path)
@@ -68,4 +73,18 @@ def write_outputs(
         raise UserError(
             f"{path}: cannot write ({e.strerror or e}): no new submission written; {kept}"
         ) from None
-    return SubmissionResult(str(path), summary)
+    return SubmissionResult(str(path), summary, maps)
+
+
+def _write_maps(out: Path, frag_id: str, prob, ink) -> list[str]:
+    """The fragment's probability TIFF and ink PNG; a file that cannot be written is a warning (the submission is
+    what must not fail). Returns the paths written."""
+    written = []
+    for path, write in ((out / "probabilities" / f"{frag_id}.tif", lambda p: write_probability_tiff(p, prob)),
+                        (out / "masks" / f"{frag_id}.png", lambda p: write_mask_png(p, ink))):  # fmt: skip
+        try:
+            write(path)
+            written.append(str(path))
+        except OSError as e:
+            log.warning("%s: not written (%s)", path, e.strerror or e)
+    return written

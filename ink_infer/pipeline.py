@@ -37,6 +37,7 @@ from .ensemble import FragmentEnsemble
 from .errors import DeviceError, ModelRunError, UserError
 from .fragments import find_fragments
 from .manifest import load_manifest, sha256_file
+from .maps import write_probability_tiff
 from .model_run import ModelRunOptions, RunEnded, run_model
 from .outputs import OutputOptions, write_outputs
 from .partials import PartialStore
@@ -54,6 +55,7 @@ from .results import (
     write_report,
 )
 from .runtime import Runtime, environment, rank_device, resolve_devices, start_runtime, torchrun_rank
+from .stitch import finalize
 from .stop import Interrupted, StopRequest, signal_name
 from .workers import (
     WorkerInputs,
@@ -102,7 +104,7 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
     manifest = load_manifest(cfg.manifest)
     check_stride(cfg.stride, manifest)
     threshold = cfg.threshold or manifest.threshold
-    fragments, warnings = find_fragments(cfg.data)
+    fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice)
     plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
     disk = check_free_space(cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run)
     weights = check_weights(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
@@ -169,8 +171,13 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
             else:
                 if not any(e.weight_sum for e in ensembles) and any(len(p.origins) for p in plans):
                     raise ModelRunError("no model finished: no submission written")
+                maps = cfg.save_probabilities
+                if (
+                    maps is None
+                ):  # researchers' segments get their pictures of the ink; Kaggle runs a submission
+                    maps = any(p.fragment.layout != "kaggle" for p in plans)
                 report.submission = write_outputs(
-                    plans, ensembles, OutputOptions(cfg.out, threshold, cfg.previews),
+                    plans, ensembles, OutputOptions(cfg.out, threshold, cfg.previews, maps),
                     partials_kept=report.partials_kept, partials_dir=cfg.partials_dir,
                 )  # fmt: skip
                 if not cfg.keep_partials:  # the submission is written: nothing left to resume
@@ -288,7 +295,7 @@ def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, 
     shares = plan_shares(models, items, devices, labels)
     deadline = EtaMonitor.for_budget(cfg.budget, t0).deadline
     where = WorkerInputs(cfg.data, cfg.manifest, cfg.stride, cfg.tta, cfg.unit_windows,
-                         {spec.name: w for spec, w in models})  # fmt: skip
+                         {spec.name: w for spec, w in models}, cfg.layer_choice)  # fmt: skip
     jobs = [
         WorkerJob(share.label, share.device, share.units, where, model_options(cfg, fresh=fresh),
                   _settings(cfg, runtime), cfg.out, cfg.partials_dir, cfg.budget.gpu_mem_gb, deadline,
@@ -378,11 +385,23 @@ def _run_models(
             for p, ens in zip(plans, ensembles, strict=True):
                 ranges = [done.sums[item.id] for item in items if item.fragment is p.fragment]
                 total = ranges[0] if len(ranges) == 1 else np.sum(ranges, axis=0)  # int64: exact
-                ens.add(total, model_count(p, spec), spec.weight)
+                count = model_count(p, spec)
+                ens.add(total, count, spec.weight)
+                if cfg.save_model_maps:
+                    _write_model_map(cfg, p, spec.name, total, count)
         write_report(
             cfg.out / "report.json", report, t0, final=False
         )  # progress, and what a killed run leaves
     return ensembles
+
+
+def _write_model_map(cfg: RunConfig, plan: FragmentPlan, model: str, total, count) -> None:
+    """--save-model-maps: one model's probability map over one fragment, as the ensemble's is written."""
+    path = cfg.out / "probabilities" / f"{plan.id}.{model}.tif"
+    try:
+        write_probability_tiff(path, finalize(total, count, plan.mask))
+    except OSError as e:
+        log.warning("%s: not written (%s)", path, e.strerror or e)
 
 
 def _progress(cfg: RunConfig, n_models: int, items) -> RunProgress:

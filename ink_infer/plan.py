@@ -103,6 +103,7 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
     with open_volume(fragment) as vol:
         shape = (vol.height, vol.width)
         notes = list(vol.warnings)  # files in surface_volume/ that are not slices, ignored
+        data = vol.describe() if hasattr(vol, "describe") else {"slices": file_stats(vol.paths)}
     mask, warning = load_mask(fragment, shape)
     if warning:
         notes.append(warning)
@@ -116,23 +117,31 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
         notes.append(f"fragment {fragment.id}: no mask pixel on the 32-pixel grid, empty prediction")
     return FragmentPlan(
         fragment, shape, mask, touched, origins, tta_ops(len(origins), mode=tta), notes=notes,
-        fingerprint=fragment_fingerprint(fragment.id, fragment.path, shape, mask),
+        fingerprint=fragment_fingerprint(fragment, shape, mask, data),
     )  # fmt: skip
 
 
-def fragment_fingerprint(frag_id: str, path: Path, shape: tuple[int, int], mask: np.ndarray) -> dict:
-    """A cheap identity of a fragment's data: id, shape, the mask's hash, and each slice file's size and mtime.
+def file_stats(paths) -> list[list]:
+    """``[name, size, mtime_ns]`` of each file, in the models' layer order."""
+    stats = []
+    for path in paths:
+        st = path.stat()
+        stats.append([path.name, st.st_size, st.st_mtime_ns])
+    return stats
+
+
+def fragment_fingerprint(fragment: Fragment, shape: tuple[int, int], mask: np.ndarray, data: dict) -> dict:
+    """A cheap identity of a fragment's data: id, layout, shape, the mask's hash, and ``data``: the size and mtime
+    of each slice file the models read, in their order (a segment's chosen and maybe reversed layers), or a zarr
+    array's metadata.
 
     Sizes and mtimes rather than content hashes: hashing 65 slices of GBs would cost minutes per run, while any
     rewrite of a slice changes its mtime.
     """
-    slices = []
-    for entry in sorted((path / "surface_volume").iterdir()):
-        if not entry.name.startswith("."):
-            st = entry.stat()
-            slices.append([entry.name, st.st_size, st.st_mtime_ns])
     mask_sha = hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()
-    return {"id": frag_id, "shape": list(shape), "mask_sha256": mask_sha, "slices": slices}
+    layers = {"layers": list(fragment.layers)} if fragment.layers is not None else {}
+    return {"id": fragment.id, "layout": fragment.layout, "shape": list(shape), "mask_sha256": mask_sha, **layers,
+            **data}  # fmt: skip
 
 
 def model_count(plan: FragmentPlan, spec: ModelSpec) -> np.ndarray:

@@ -157,6 +157,9 @@ class FragmentOutput:
 class SubmissionResult:
     path: str
     fragments: dict[str, FragmentOutput]
+    maps: list[str] = field(
+        default_factory=list
+    )  # probability TIFFs and ink PNGs written (--save-probabilities)
 
 
 @dataclass

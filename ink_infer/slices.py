@@ -7,6 +7,11 @@ Two kinds, chosen per file at open:
 - ``DecodedSlice``: compressed or tiled data. Only the strips or tiles that overlap the requested rows are decoded;
   a file stored as one compressed segment is decoded whole, one slice at a time.
 
+Slices are uint16 (the Kaggle data) or uint8 (many scroll segments). uint8 values are served as ``v * 257``, the
+same intensity on the uint16 scale (255 -> 65535): the per-window normalisation is invariant to a positive scale,
+so uint8 data gives the probabilities of that data in uint16, the reference's float16 rounding of ``raw / 65535``
+included (``v * 257 / 65535`` is ``v / 255``).
+
 Every problem found here is a ``UserError`` naming the file (``display`` is the path shown to the user).
 """
 
@@ -41,8 +46,20 @@ TIFF_ERRORS = (
 )
 
 
+SLICE_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint8))
+UINT8_TO_UINT16 = 257  # 255 * 257 = 65535: uint8 intensities on the uint16 scale
+
+
+def copy_scaled(src: np.ndarray, out: np.ndarray) -> None:
+    """``src`` (uint16, or uint8 scaled by 257) into the uint16 ``out``."""
+    if src.dtype == np.uint8:
+        np.multiply(src, UINT8_TO_UINT16, out=out, dtype=np.uint16)
+    else:
+        out[...] = src
+
+
 class MappedSlice:
-    """An uncompressed slice, memory-mapped. ``read_rows`` copies rows [y0, y1) into a (y1 - y0, W) array."""
+    """An uncompressed slice, memory-mapped. ``read_rows`` copies rows [y0, y1) into a (y1 - y0, W) uint16 array."""
 
     single_segment = False
 
@@ -51,19 +68,20 @@ class MappedSlice:
     def __init__(self, path: Path, page: tifffile.TiffPage, byteorder: str, display: str) -> None:
         self.display = display
         height, width = self.shape = page.shape
-        self._row_bytes = width * 2
+        self.dtype = np.dtype(page.dtype)
+        self._row_bytes = width * self.dtype.itemsize
         self._offset = int(page.dataoffsets[0])
         with open(path, "rb") as fh:
             self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         # The file's byte order: copying into a native uint16 array swaps bytes when needed.
-        dtype = np.dtype(byteorder + "u2")
+        dtype = np.dtype(byteorder + ("u2" if self.dtype.itemsize == 2 else "u1"))
         self._array: np.ndarray | None = np.frombuffer(
             self._mm, dtype=dtype, count=height * width, offset=self._offset
         ).reshape(height, width)
 
     def read_rows(self, y0: int, y1: int, out: np.ndarray) -> None:
         assert self._array is not None, "slice is closed"
-        out[...] = self._array[y0:y1]
+        copy_scaled(self._array[y0:y1], out)
         # Drop the pages just copied from this process's mapping: the data stays in the page cache, but the mapped
         # pages would otherwise count towards RSS until the whole volume (up to 18 GB) looks resident.
         if hasattr(mmap, "MADV_DONTNEED"):
@@ -87,6 +105,7 @@ class DecodedSlice:
         self._page = tif.pages[0]
         self._lock = threading.Lock()  # seek + read on the shared file handle must not interleave
         page = self._page
+        self.dtype = np.dtype(page.dtype)
         self._height, self._width = self.shape = page.shape
         if page.is_tiled:
             self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
@@ -109,10 +128,10 @@ class DecodedSlice:
                 bottom, right = min(y1, sy + self._seg_h, self._height), min(self._width, sx + self._seg_w)
                 seg = self._decode_segment(row * self._across + col, (bottom - sy, right - sx))
                 top = max(y0, sy)
-                out[top - y0 : bottom - y0, sx:right] = seg[top - sy : bottom - sy, : right - sx]
+                copy_scaled(seg[top - sy : bottom - sy, : right - sx], out[top - y0 : bottom - y0, sx:right])
 
     def _decode_segment(self, index: int, min_shape: tuple[int, int]) -> np.ndarray:
-        """Segment ``index`` as a 2-D uint16 array of at least ``min_shape`` (edge tiles come padded)."""
+        """Segment ``index`` as a 2-D array (the file's dtype) of at least ``min_shape`` (edge tiles come padded)."""
         page = self._page
         try:
             with self._lock:
@@ -158,15 +177,18 @@ def open_slice(path: Path, display: str) -> MappedSlice | DecodedSlice:
 def _check_page(page: tifffile.TiffPage, file_size: int, display: str) -> None:
     if len(page.shape) != 2:
         raise UserError(f"{display}: image of shape {page.shape}, expected one greyscale plane")
-    if page.dtype != np.uint16:
-        raise UserError(f"{display}: dtype {page.dtype}, expected uint16")
+    if np.dtype(page.dtype) not in SLICE_DTYPES:
+        raise UserError(f"{display}: dtype {page.dtype}, expected uint16 or uint8")
     if not page.dataoffsets or not any(page.databytecounts):
         raise UserError(f"{display}: no image data")
     end = max(int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=True))
     if end > file_size:
         raise UserError(f"{display}: truncated: {file_size} bytes, image data runs to byte {end}")
-    if page.compression == 1 and sum(page.databytecounts) < page.shape[0] * page.shape[1] * 2:
-        expected = page.shape[0] * page.shape[1] * 2
+    if (
+        page.compression == 1
+        and sum(page.databytecounts) < page.shape[0] * page.shape[1] * page.dtype.itemsize
+    ):
+        expected = page.shape[0] * page.shape[1] * page.dtype.itemsize
         raise UserError(
             f"{display}: {sum(page.databytecounts)} bytes of uncompressed data, expected {expected}"
         )

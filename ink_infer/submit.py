@@ -25,6 +25,7 @@ from .errors import DeviceError, ModelRunError, UserError
 from .manifest import DEMO_MANIFEST, default_manifest
 from .preflight import check_arguments
 from .schema import cli_type
+from .segments import parse_layers
 from .summary import TABLE, format_table, format_verdicts, table_rows
 
 log = logging.getLogger("ink_infer")
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     p.add_argument("--data", type=Path, metavar="DIR",
-                   help="/kaggle/input, the competition folder, or a folder of fragment dirs")  # fmt: skip
+                   help="/kaggle/input, the competition folder, a folder of fragments or scroll segments "
+                        "(<seg>/layers/*.tif, <seg>.zarr), or one of them")  # fmt: skip
     p.add_argument("--weights", type=Path, default=None, metavar="DIR",
                    help="the folder holding the manifest's weight files (<config>/fold{0,1}/best_fbeta.ckpt)")  # fmt: skip
     p.add_argument("--manifest", type=Path, default=None, metavar="FILE",
@@ -129,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels the quantile is taken over: covered (mask pixels some window reached; the "
                         "reference) or mask (every mask pixel) (default: the manifest's, covered)")  # fmt: skip
     number_in("--batch-size", None, "windows per forward pass (default: the largest that fits, measured)")
+    g.add_argument("--layers", default=None, metavar="START:STOP",
+                   help="scroll segments: the 65 layers of a longer stack the models read (default: the middle "
+                        "65)")  # fmt: skip
+    g.add_argument("--reverse-layers", action="store_true",
+                   help="scroll segments whose depth runs the other way: the picked layers in reverse order")  # fmt: skip
     g.add_argument("--allow-random-weights", action="store_true",
                    help="run entries without a weight file with seeded random init (rehearsals; reported)")  # fmt: skip
     g.add_argument("--require-hashes", action="store_true",
@@ -170,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     number_in = _adder(g)
     g.add_argument("--no-previews", action="store_true", help="do not write previews/<id>.png")
+    g.add_argument("--save-probabilities", action=argparse.BooleanOptionalAction, default=None,
+                   help="write OUT/probabilities/<id>.tif (full-resolution uint8, tiled) and OUT/masks/<id>.png "
+                        "(default: for scroll segments, not for Kaggle fragments)")  # fmt: skip
+    g.add_argument("--save-model-maps", action="store_true",
+                   help="also each model's probability map, OUT/probabilities/<id>.<model>.tif")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="only warnings, errors and the final table")
     number_in("--progress-every", 60.0, "seconds between progress lines when stderr is not a terminal (a "
               "notebook cell, a log file)", metavar="SECONDS")  # fmt: skip
@@ -239,6 +251,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         devices=parse_devices(args.devices), unit_windows=args.unit_windows, num_parts=args.num_parts,
         part_id=args.part_id, merge_only=args.merge_only, partials=absolute(partials), keep_partials=keep,
         require_hashes=args.require_hashes, progress_every=args.progress_every,
+        layers=parse_layers(args.layers), reverse_layers=args.reverse_layers,
+        save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps,
         argv=tuple(sys.argv[:1] + (sys.argv[1:] if argv is None else list(argv))),
     )  # fmt: skip
 

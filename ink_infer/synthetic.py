@@ -15,7 +15,14 @@ that surface, drawn as strokes and arcs. The volume is streamed: generated and w
 holding only a few ``(H, W)`` maps (surface float32, two fibre maps float16, mask and ink uint8, one uint16 slice).
 Everything is deterministic given the seed.
 
-CLI: ``python -m ink_infer.synthetic OUT --train 3 --test a:384x512,b:320x448 --seed 0``.
+Scroll segments (``write_segment``): the same kind of fragment as a researcher's segment, ``OUT/<id>/layers/00.tif
+.. NN.tif`` with ``OUT/<id>/<id>_mask.png`` (``layout="segment"``), or ``OUT/<id>.zarr`` (an OME-Zarr group, level
+0 of shape ``(layers, H, W)``) with ``OUT/<id>_mask.png`` (``layout="zarr"``, needs the zarr package); ``layers``
+of them, the papyrus in the middle 65; uint16 or uint8.
+
+CLI: ``python -m ink_infer.synthetic OUT --train 3 --test a:384x512,b:320x448 --seed 0``;
+``python -m ink_infer.synthetic OUT --layout segment --layers 80`` (or ``--layout zarr``) writes one segment per
+``--test`` entry under ``OUT/segments/`` (ground truth in ``OUT/ground_truth/``).
 """
 
 from __future__ import annotations
@@ -233,6 +240,64 @@ def _parse_test(text: str) -> list[tuple[str, int, int]]:
     return specs
 
 
+def write_segment(
+    out: Path,
+    seg_id: str,
+    *,
+    height: int,
+    width: int,
+    seed: int,
+    layers: int = N_SLICES,
+    layout: str = "segment",
+    dtype: str = "uint16",
+    ground_truth: Path | None = None,
+) -> Path:
+    """Write one scroll segment under ``out`` (see the module's docstring) and return its path.
+
+    The stack holds ``layers`` layers, the fragment's 65 slices in the middle (the default ``--layers`` of a run) and
+    the scan above and below them; uint8 keeps the top 8 bits."""
+    if layout not in ("segment", "zarr"):
+        raise UserError(f"--layout {layout!r}: expected kaggle, segment or zarr")
+    if layers < N_SLICES:
+        raise UserError(f"--layers {layers}: a segment needs at least {N_SLICES} layers")
+    _check_id(seg_id)
+    _check_size(height, width)
+    maps = make_maps(np.random.default_rng(seed), height, width)
+    gain = float(np.random.default_rng([seed, 1]).uniform(0.9, 1.1))
+    offset = (layers - N_SLICES) // 2
+    out = Path(out)
+    if ground_truth is not None:
+        ground_truth.parent.mkdir(parents=True, exist_ok=True)
+        _write_png(ground_truth, maps.ink)
+    buf = np.empty((height, width), np.uint16)
+
+    def layer(i: int) -> np.ndarray:
+        _render_slice(maps, i - offset, gain, np.random.default_rng([seed, 2, i]), out=buf)
+        return (buf >> 8).astype(np.uint8) if dtype == "uint8" else buf
+
+    if layout == "segment":
+        seg = out / seg_id
+        (seg / "layers").mkdir(parents=True, exist_ok=True)
+        _write_png(seg / f"{seg_id}_mask.png", maps.mask)
+        digits = max(2, len(str(layers - 1)))
+        for i in range(layers):
+            tifffile.imwrite(seg / "layers" / f"{i:0{digits}d}.tif", layer(i))
+    else:
+        try:
+            import zarr
+        except ImportError:
+            raise UserError("--layout zarr needs the zarr package: pip install 'ink_infer[zarr]'") from None
+        seg = out / f"{seg_id}.zarr"
+        _write_png(out / f"{seg_id}_mask.png", maps.mask)
+        group = zarr.open_group(str(seg), mode="w")
+        array = group.create_array("0", shape=(layers, height, width), chunks=(8, 128, 128), dtype=dtype)
+        group.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}]}]
+        for i in range(layers):
+            array[i] = layer(i)
+    log.info("wrote %s: %d x %d x %d (%s)", seg, layers, height, width, dtype)
+    return seg
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line instead of argparse's usage block: the project's CLIs all report user errors this way.
@@ -251,8 +316,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compression", choices=["none", "zlib"], default="none")
     parser.add_argument("--tile", type=int, default=None, help="write tiled TIFFs with this tile side")
+    parser.add_argument("--layout", choices=["kaggle", "segment", "zarr"], default="kaggle",
+                        help="kaggle: the competition layout; segment: <id>/layers/*.tif; zarr: <id>.zarr (one "
+                             "segment per --test entry, no training fragments)")  # fmt: skip
+    parser.add_argument("--layers", type=int, default=N_SLICES, help="layers of a segment's stack")
+    parser.add_argument(
+        "--dtype", choices=["uint16", "uint8"], default="uint16", help="a segment's layer dtype"
+    )
     try:
         args = parser.parse_args(argv)
+        if args.layout != "kaggle":
+            for seg_id, height, width in _parse_test(args.test):  # OUT/segments/<id>, the truth beside
+                print(write_segment(Path(args.out) / "segments", seg_id, height=height, width=width, layers=args.layers,
+                                    layout=args.layout, dtype=args.dtype, seed=fragment_seed(args.seed, "test", seg_id),
+                                    ground_truth=Path(args.out) / "ground_truth" / f"{seg_id}.png"))  # fmt: skip
+            return 0
         if args.train < 0:
             raise UserError(f"--train {args.train}: expected a count >= 0")
         height, width = _parse_size(args.train_size)

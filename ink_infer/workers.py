@@ -31,6 +31,7 @@ from .partials import PartialStore
 from .plan import FragmentPlan, UnitSettings, Weights, assign, unit_cost
 from .progress import RunProgress
 from .results import ModelResult, PartReport, json_text
+from .segments import LayerChoice
 from .stop import Interrupted, StopRequest, signal_name
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class WorkerInputs:
     tta: str
     unit_windows: int
     weights: dict[str, Weights]  # checked by the parent at the start
+    layers: LayerChoice = LayerChoice()  # a segment's 65 layers
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ class WorkerJob:
         from .plan import plan_run
 
         manifest = load_manifest(self.inputs.manifest)
-        fragments, _ = find_fragments(self.inputs.data)
+        fragments, _ = find_fragments(self.inputs.data, layers=self.inputs.layers)
         _, items = plan_run(fragments, stride=self.inputs.stride, tta=self.inputs.tta,
                             unit_windows=self.inputs.unit_windows)  # fmt: skip
         by_id = {item.id: item for item in items}
