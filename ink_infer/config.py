@@ -148,6 +148,9 @@ class RunConfig:
         None  # probability TIFFs and ink PNGs; None: for segments, not Kaggle runs
     )
     save_model_maps: bool = False  # also each model's probability TIFF
+    rotate: int = (
+        0  # --rotate: degrees the input is turned counterclockwise before inference (outputs turned back)
+    )
 
     @property
     def layer_choice(self):
@@ -174,6 +177,8 @@ class RunConfig:
                     check_field(CLI_NUMBERS[option], value, "argument", option)
         except Invalid as e:
             raise UserError(str(e)) from None
+        if self.rotate not in (0, 90, 180, 270):
+            raise UserError(f"--rotate {self.rotate}: expected 0, 90, 180 or 270")
         if self.tta not in ("none", "scheduled", "full"):
             raise UserError(f"--tta {self.tta!r}: expected none, scheduled or full")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -58,6 +58,8 @@ class Fragment:
     )
     layout: str = "kaggle"
     layers: tuple[int, ...] | None = None
+    rotate: int = 0  # --rotate: degrees the models see it turned counterclockwise (rotation.py)
+    rotate_cache: Path | None = None  # where the turned slices are kept
 
     @property
     def submission_id(self) -> str:
@@ -361,6 +363,14 @@ def load_mask(fragment: Fragment, shape: tuple[int, ...]) -> tuple[np.ndarray, s
         return np.ones(
             shape[-2:], bool
         ), f"{_display(path, fragment.path.parent.parent)}: missing, using every pixel"
+    if fragment.rotate:  # the file is in the fragment's own orientation; the run sees it turned
+        from .rotation import turn, turns
+
+        h, w = shape[-2:]
+        own = (w, h) if turns(fragment.rotate) % 2 else (h, w)
+        return np.ascontiguousarray(
+            turn(_read_binary_png(path, own, fragment.path.parent.parent), fragment.rotate)
+        ), None
     return _read_binary_png(path, shape[-2:], fragment.path.parent.parent), None
 
 
@@ -412,6 +422,11 @@ def open_volume(fragment: Fragment) -> Volume | ZarrVolume:
 
     The folder is taken after resolving, so a data mount that is itself a symlink (as Kaggle's may be) is fine.
     """
-    if fragment.layout == "zarr":
-        return ZarrVolume(fragment.path, fragment.layers)
-    return Volume(fragment, root=fragment.path.resolve().parent)
+    volume = (ZarrVolume(fragment.path, fragment.layers) if fragment.layout == "zarr"
+              else Volume(fragment, root=fragment.path.resolve().parent))  # fmt: skip
+    if not fragment.rotate:
+        return volume
+    from .rotation import RotatedVolume
+
+    with volume:
+        return RotatedVolume(volume, fragment.rotate, fragment.rotate_cache)

@@ -20,6 +20,7 @@ from .plan import FragmentPlan
 from .previews import write_preview
 from .results import FragmentOutput, SubmissionResult
 from .rle import rle_encode, write_submission
+from .rotation import turn_back
 from .threshold import binarize
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,10 @@ def write_outputs(
     the error message can promise a rerun when submission.csv cannot be written)."""
     rows, summary, maps = [], {}, []
     for plan, ens in zip(plans, ensembles, strict=True):
-        prob, region = ens.mean(), ens.region(options.threshold.region)
+        # back in the fragment's own orientation when the run saw it turned (--rotate); the quantile is unchanged
+        angle = plan.fragment.rotate
+        prob, region = turn_back(ens.mean(), angle), turn_back(ens.region(options.threshold.region), angle)
+        mask = turn_back(plan.mask, angle)
         ink, thr = binarize(prob, region, options.threshold.percentile)
         rows.append((plan.fragment.submission_id, rle_encode(ink)))
         summary[plan.id] = FragmentOutput(
@@ -55,7 +59,7 @@ def write_outputs(
             path = options.out / "previews" / f"{plan.id}.png"
             try:
                 threshold = summary[plan.id].threshold  # thr as a float (or None)
-                write_preview(path, prob, ink, plan.mask, fragment_id=plan.id, threshold=threshold)
+                write_preview(path, prob, ink, mask, fragment_id=plan.id, threshold=threshold)
             except OSError as e:
                 log.warning("%s: preview not written (%s)", path, e.strerror or e)
         if options.probabilities:

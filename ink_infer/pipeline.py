@@ -54,6 +54,7 @@ from .results import (
     RunReport,
     write_report,
 )
+from .rotation import turn_back, with_rotation
 from .runtime import Runtime, environment, rank_device, resolve_devices, start_runtime, torchrun_rank
 from .stitch import finalize
 from .stop import Interrupted, StopRequest, signal_name
@@ -105,6 +106,7 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
     check_stride(cfg.stride, manifest)
     threshold = cfg.threshold or manifest.threshold
     fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice)
+    fragments = with_rotation(fragments, cfg.rotate, cfg.out)
     plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
     disk = check_free_space(cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run)
     weights = check_weights(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
@@ -295,7 +297,7 @@ def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, 
     shares = plan_shares(models, items, devices, labels)
     deadline = EtaMonitor.for_budget(cfg.budget, t0).deadline
     where = WorkerInputs(cfg.data, cfg.manifest, cfg.stride, cfg.tta, cfg.unit_windows,
-                         {spec.name: w for spec, w in models}, cfg.layer_choice)  # fmt: skip
+                         {spec.name: w for spec, w in models}, cfg.layer_choice, cfg.rotate, cfg.out)  # fmt: skip
     jobs = [
         WorkerJob(share.label, share.device, share.units, where, model_options(cfg, fresh=fresh),
                   _settings(cfg, runtime), cfg.out, cfg.partials_dir, cfg.budget.gpu_mem_gb, deadline,
@@ -399,7 +401,7 @@ def _write_model_map(cfg: RunConfig, plan: FragmentPlan, model: str, total, coun
     """--save-model-maps: one model's probability map over one fragment, as the ensemble's is written."""
     path = cfg.out / "probabilities" / f"{plan.id}.{model}.tif"
     try:
-        write_probability_tiff(path, finalize(total, count, plan.mask))
+        write_probability_tiff(path, turn_back(finalize(total, count, plan.mask), plan.fragment.rotate))
     except OSError as e:
         log.warning("%s: not written (%s)", path, e.strerror or e)
 

@@ -140,6 +140,8 @@ def fragment_fingerprint(fragment: Fragment, shape: tuple[int, int], mask: np.nd
     """
     mask_sha = hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()
     layers = {"layers": list(fragment.layers)} if fragment.layers is not None else {}
+    if fragment.rotate:
+        layers["rotate"] = fragment.rotate
     return {"id": fragment.id, "layout": fragment.layout, "shape": list(shape), "mask_sha256": mask_sha, **layers,
             **data}  # fmt: skip
 

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "65)")  # fmt: skip
     g.add_argument("--reverse-layers", action="store_true",
                    help="scroll segments whose depth runs the other way: the picked layers in reverse order")  # fmt: skip
+    g.add_argument("--rotate", type=int, choices=[0, 90, 180, 270], default=0, metavar="DEGREES",
+                   help="turn the input counterclockwise by 0, 90, 180 or 270 degrees before inference; the outputs "
+                        "are turned back (the Kaggle hidden test was turned 90 degrees from training)")  # fmt: skip
     g.add_argument("--allow-random-weights", action="store_true",
                    help="run entries without a weight file with seeded random init (rehearsals; reported)")  # fmt: skip
     g.add_argument("--require-hashes", action="store_true",
@@ -252,7 +255,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         part_id=args.part_id, merge_only=args.merge_only, partials=absolute(partials), keep_partials=keep,
         require_hashes=args.require_hashes, progress_every=args.progress_every,
         layers=parse_layers(args.layers), reverse_layers=args.reverse_layers,
-        save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps,
+        save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps, rotate=args.rotate,
         argv=tuple(sys.argv[:1] + (sys.argv[1:] if argv is None else list(argv))),
     )  # fmt: skip
 
@@ -323,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table_rows(report), TABLE))
     if report.submission is not None:
         print(f"wrote {report.submission.path}, {cfg.out / 'report.json'}, {cfg.out / 'previews'}/")
+        if report.submission.maps:
+            print(f"wrote {len(report.submission.maps)} probability map(s) and ink mask(s) in "
+                  f"{cfg.out / 'probabilities'}/ and {cfg.out / 'masks'}/")  # fmt: skip
         if report.partials.deleted:
             print(
                 f"deleted {report.partials.deleted} partial(s) in {cfg.partials_dir} (--keep-partials keeps them)"

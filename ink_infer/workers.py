@@ -31,6 +31,7 @@ from .partials import PartialStore
 from .plan import FragmentPlan, UnitSettings, Weights, assign, unit_cost
 from .progress import RunProgress
 from .results import ModelResult, PartReport, json_text
+from .rotation import with_rotation
 from .segments import LayerChoice
 from .stop import Interrupted, StopRequest, signal_name
 
@@ -184,6 +185,8 @@ class WorkerInputs:
     unit_windows: int
     weights: dict[str, Weights]  # checked by the parent at the start
     layers: LayerChoice = LayerChoice()  # a segment's 65 layers
+    rotate: int = 0  # --rotate
+    out: Path | None = None  # where the turned slices are cached (OUT/rotated)
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,7 @@ class WorkerJob:
 
         manifest = load_manifest(self.inputs.manifest)
         fragments, _ = find_fragments(self.inputs.data, layers=self.inputs.layers)
+        fragments = with_rotation(fragments, self.inputs.rotate, self.inputs.out)
         _, items = plan_run(fragments, stride=self.inputs.stride, tta=self.inputs.tta,
                             unit_windows=self.inputs.unit_windows)  # fmt: skip
         by_id = {item.id: item for item in items}

@@ -212,3 +212,30 @@ def test_kaggle_runs_write_no_probability_maps_unless_asked(reference_sums, mani
     assert not (tmp_path / "kaggle_out" / "probabilities").exists()
     assert run_cli(frag, tmp_path / "asked", manifest, "--save-probabilities") == 0
     assert tifffile.imread(tmp_path / "asked" / "probabilities" / "a.tif").dtype == np.uint8
+
+
+@pytest.mark.parametrize("angle", [90, 180, 270])
+def test_rotate_turns_the_input_and_the_outputs_back(data, manifest, tmp_path, standins, angle):
+    """--rotate N on a fragment turned by -N gives the probabilities of the upright fragment, turned back: the
+    submission and the probability map are the upright run's."""
+    from ink_infer.rotation import turn
+
+    frag, stack = kaggle_fragment(data, tmp_path)
+    assert run_cli(frag, tmp_path / "upright", manifest, "--save-probabilities") == 0
+    import cv2
+
+    sideways = tmp_path / "sideways" / "a"
+    (sideways / "surface_volume").mkdir(parents=True)
+    for z in range(65):  # the fragment as stored turned back by N: --rotate N makes it upright for the models
+        tifffile.imwrite(
+            sideways / "surface_volume" / f"{z:02d}.tif", np.ascontiguousarray(turn(stack[z], -angle))
+        )
+    mask = cv2.imread(str(frag / "mask.png"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(sideways / "mask.png"), np.ascontiguousarray(turn(mask, -angle)))
+    out = tmp_path / "turned"
+    assert run_cli(sideways, out, manifest, "--rotate", str(angle), "--save-probabilities") == 0
+    assert_same(sums(out), sums(tmp_path / "upright"))  # the models saw the upright fragment
+    want = tifffile.imread(tmp_path / "upright" / "probabilities" / "a.tif")
+    np.testing.assert_array_equal(tifffile.imread(out / "probabilities" / "a.tif"), turn(want, -angle))
+    assert (out / "rotated" / "a" / "source.json").is_file()
+    assert report_of(out)["options"]["rotate"] == angle
