@@ -82,7 +82,9 @@ def main() -> None:
     frags = json.loads((out / "report.json").read_text())["models"][0]["fragments"]
     windows = sum(f["windows"] for f in frags.values())
     gib = 2**30
-    print(f"segment {h}x{w}, 65 layers uint16: {on_disk / gib:.2f} GiB on disk; {windows} windows in {seconds:.0f} s")
+    print(
+        f"segment {h}x{w}, 65 layers uint16: {on_disk / gib:.2f} GiB on disk; {windows} windows in {seconds:.0f} s"
+    )
     print(f"peak RSS: imports alone {base / gib:.2f} GiB; the CLI run {cli / gib:.2f} GiB "
           f"= {cli / on_disk:.3f} x the segment (goal <= 0.10); above imports {(cli - base) / on_disk:.3f} x")  # fmt: skip
     print(f"  the segment's area at 4 bytes per pixel is {h * w * 4 / gib:.2f} GiB "

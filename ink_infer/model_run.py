@@ -57,7 +57,7 @@ class ModelRunOptions:
 @dataclass
 class ModelRun:
     """What ``run_model`` hands back: the model's result and, when it is ``ok`` in a full run, its sum maps by
-    fragment id (``(ch*32, cw*32)`` float32, for the ensemble; all fragments or none)."""
+    unit id (fixed-point int64 on the unit's block rows, ``Unit.block_rows``; all units or none)."""
 
     result: ModelResult
     sums: dict[str, np.ndarray] = field(default_factory=dict)
@@ -302,7 +302,8 @@ def _run_unit(
         with open_volume(frag.fragment) as volume:
             return predict_fragment(
                 model, unit.model, volume, frag.touched, origins, ops, device=runtime.device, dtype=runtime.dtype,
-                batch_size=batch_size, tta=options.tta, timed=options.dry_run, on_batch=on_batch,
+                batch_size=batch_size, tta=options.tta, row_blocks=unit.block_rows(), timed=options.dry_run,
+                on_batch=on_batch,
             )  # fmt: skip
     except OSError as e:  # the data went away or went bad mid-run: no model can read it
         raise UserError(f"{frag.fragment.path}: cannot read ({e.strerror or e})") from None

@@ -55,8 +55,8 @@ class PartialStore:
         return self.root / f"{_UNSAFE.sub('_', model)}.{_UNSAFE.sub('_', fragment)}.{tag}.npz"
 
     def load(self, unit: Unit) -> tuple[np.ndarray | None, FragmentResult | None, str | None]:
-        """``(fixed-point sum map (ch*32, cw*32) int64, the unit's result saved with it, None)`` when a partial with the unit's
-        key is there; else ``(None, None, why)`` where ``why`` is None when there is simply no file."""
+        """``(fixed-point sum map int64 on the unit's block rows, the unit's result saved with it, None)`` when a
+        partial with the unit's key is there; else ``(None, None, why)`` where ``why`` is None when there is simply no file."""
         digest, _ = unit.key(self.settings)
         covered = unit.count() > 0
         path = self.path(unit.model.name, unit.fragment.id)
@@ -74,8 +74,9 @@ class PartialStore:
         shape = (int(covered.sum()), BLOCK, BLOCK)
         if not np.array_equal(saved_covered, covered) or values.dtype not in STORED or values.shape != shape:
             return None, None, "does not match the fragment's windows"
+        lo, hi = unit.block_rows()
         return (
-            image_of(values.astype(np.int64), covered),
+            image_of(values.astype(np.int64), covered[lo:hi]),  # the unit's rows only, as computed
             FragmentResult.from_dict(meta.get("stats", {})),
             None,
         )
@@ -116,7 +117,9 @@ class PartialStore:
             "key": key,
             "stats": stats,
         }
-        values = blocks_of(sum_map, covered)
+        lo, hi = unit.block_rows()  # the map holds the unit's block rows; no covered block lies outside them
+        assert not covered[:lo].any() and not covered[hi:].any(), (unit.fragment.id, lo, hi)
+        values = blocks_of(sum_map, covered[lo:hi])
         if values.size and values.max() <= np.iinfo(np.int32).max and values.min() >= 0:
             values = values.astype(np.int32)  # half the bytes: up to 127 windows of probability 1 per pixel
         try:

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from .budget import EtaMonitor, project, verdicts
-from .config import RunConfig
+from .config import BLOCK, RunConfig
 from .ensemble import FragmentEnsemble
 from .errors import DeviceError, ModelRunError, UserError
 from .fragments import find_fragments
@@ -58,6 +58,7 @@ from .rotation import turn_back, with_rotation
 from .runtime import Runtime, environment, rank_device, resolve_devices, start_runtime, torchrun_rank
 from .stitch import finalize
 from .stop import Interrupted, StopRequest, signal_name
+from .tiling import cover_grid
 from .workers import (
     WorkerInputs,
     WorkerJob,
@@ -385,8 +386,9 @@ def _run_models(
         report.add_model(result)
         if done.sums:  # all units or none: a model joins the ensemble once it has finished everywhere
             for p, ens in zip(plans, ensembles, strict=True):
-                ranges = [done.sums[item.id] for item in items if item.fragment is p.fragment]
-                total = ranges[0] if len(ranges) == 1 else np.sum(ranges, axis=0)  # int64: exact
+                total = _fragment_sums(
+                    p, [item for item in items if item.fragment is p.fragment], spec, done.sums
+                )
                 count = model_count(p, spec)
                 ens.add(total, count, spec.weight)
                 if cfg.save_model_maps:
@@ -395,6 +397,19 @@ def _run_models(
             cfg.out / "report.json", report, t0, final=False
         )  # progress, and what a killed run leaves
     return ensembles
+
+
+def _fragment_sums(plan: FragmentPlan, ranges: list[FragmentPlan], spec, sums: dict) -> np.ndarray:
+    """One model's sums over a whole fragment from its units' maps, each on its own block rows (int64: exact in
+    any order); the one map of a fragment computed whole is used as it is."""
+    if len(ranges) == 1 and ranges[0].rows is None:
+        return sums[ranges[0].id]
+    ch, cw = cover_grid(plan.shape)
+    total = np.zeros((ch * BLOCK, cw * BLOCK), np.int64)
+    for item in ranges:
+        lo, hi = item.block_rows(spec.tile)
+        total[lo * BLOCK : hi * BLOCK] += sums[item.id]
+    return total
 
 
 def _write_model_map(cfg: RunConfig, plan: FragmentPlan, model: str, total, count) -> None:

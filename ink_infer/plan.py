@@ -70,6 +70,15 @@ class FragmentPlan:
         """The fragment's id, with the row range of a part (``2@0-120``): a unit's name in partials and reports."""
         return self.fragment.id if self.rows is None else f"{self.fragment.id}@{self.rows[0]}-{self.rows[1]}"
 
+    def block_rows(self, tile: int) -> tuple[int, int]:
+        """The cover grid's block rows ``[lo, hi)`` this item's windows of side ``tile`` reach: every row for a
+        whole fragment; for a row range, its first origin row to where its last windows end. A unit's sums are
+        kept on these rows only, so a fragment split into ranges never holds a fragment-sized map per range."""
+        ch = cover_grid(self.shape)[0]
+        if self.rows is None:
+            return 0, ch
+        return min(self.rows[0], ch), min(self.rows[1] - 1 + tile // BLOCK, ch)
+
 
 def split_rows(plan: FragmentPlan, max_windows: int) -> list[FragmentPlan]:
     """The fragment as row ranges of about ``max_windows`` windows each (one range when it has no more), cut
@@ -182,6 +191,10 @@ class Unit:
 
     def count(self) -> np.ndarray:
         return model_count(self.fragment, self.model)
+
+    def block_rows(self) -> tuple[int, int]:
+        """The block rows the unit's sums are kept on (``FragmentPlan.block_rows``)."""
+        return self.fragment.block_rows(self.model.tile)
 
     def key(self, settings: UnitSettings) -> tuple[str, dict]:
         """(sha256 hex digest, the key it hashes): everything that decides the unit's bytes, and nothing else.

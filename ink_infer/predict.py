@@ -234,6 +234,7 @@ def predict_fragment(
     batch_size: int,
     tta: str = "scheduled",
     rows_per_band: int | None = None,
+    row_blocks: tuple[int, int] | None = None,
     timed: bool = False,
     on_batch: Callable[[PredictStats], None] | None = None,
 ) -> tuple[np.ndarray, PredictStats]:
@@ -244,7 +245,9 @@ def predict_fragment(
     volume: a ``fragments.Volume`` (``read_band``, ``width``); touched: ``(gh, gw)`` bool blocks read as data;
     origins: ``(N, 2)`` block coords of the windows to run; ops: ``(N,)`` their flip op (``tta="scheduled"``).
     ``on_batch(stats)`` is called after every batch (the budget check; it may raise to stop the model).
-    ``timed`` (dry runs): every batch is synchronised and its time per window recorded
+    ``row_blocks``: ``(lo, hi)``, keep the sums on those block rows of the cover grid only (a row-range unit:
+    ``plan.FragmentPlan.block_rows``; every window must lie inside them); the map is then ``((hi - lo) * 32,
+    cw * 32)``. ``timed`` (dry runs): every batch is synchronised and its time per window recorded
     (``stats.batch_ms_per_window``): the windows it cut, ran and stitched, not the band reads and uploads a full
     pass shares among many more windows than a sample does.
     """
@@ -254,7 +257,10 @@ def predict_fragment(
     tile, side, off = spec.tile, spec.side, spec.offset
     width_p = (gw + tile // BLOCK) * BLOCK  # room for windows running past the right edge
     # on the cover grid: windows reaching the last H % 32 rows / W % 32 columns predict there (the reference rule)
-    acc = SumMap(cover_grid((volume.height, volume.width)), pad=tile, device=device)
+    ch, cw = cover_grid((volume.height, volume.width))
+    lo, hi = row_blocks if row_blocks is not None else (0, ch)
+    acc = SumMap((hi - lo, cw), pad=tile, device=device)
+    y_shift = lo * BLOCK  # the map's first row
     runner = _Runner(model, dtype=dtype, batch_size=batch_size, pad=device.type == "cuda", stats=stats)
     on_cuda = device.type == "cuda"
     if rows_per_band is None:
@@ -286,7 +292,7 @@ def predict_fragment(
             probs = _predict_windows(
                 runner, held, sums, rows, cols, ops[idx], side=side, tta=tta, stats=stats, buffer=buffer
             )
-            acc.add(probs, origins[idx, 0] * BLOCK + off, origins[idx, 1] * BLOCK + off)
+            acc.add(probs, origins[idx, 0] * BLOCK + off - y_shift, origins[idx, 1] * BLOCK + off)
             stats.windows += len(idx)
             stats.batches += 1
             if stats.batches <= SYNCED_BATCHES or timed:

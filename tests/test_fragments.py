@@ -170,7 +170,9 @@ def test_slice_of_another_shape(comp: Path) -> None:
 
 
 def test_slice_of_another_dtype(comp: Path) -> None:
-    tifffile.imwrite(slice_path(comp, 12), np.zeros((H, W), np.uint8))  # uint8 is fine, but not mixed with uint16
+    tifffile.imwrite(
+        slice_path(comp, 12), np.zeros((H, W), np.uint8)
+    )  # uint8 is fine, but not mixed with uint16
     assert open_error(comp) == "test/a/surface_volume/12.tif: dtype uint8, other slices uint16"
     tifffile.imwrite(slice_path(comp, 12), np.zeros((H, W), np.float32))
     assert open_error(comp) == "test/a/surface_volume/12.tif: dtype float32, expected uint16 or uint8"

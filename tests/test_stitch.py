@@ -320,3 +320,32 @@ def test_the_cuda_engine_gives_the_cpu_engine_sums(dtype, tta):
     )
     assert stats.windows == len(origins) and stats.nonfinite_windows == 0
     np.testing.assert_allclose(cuda, cpu, atol=1e-5 if dtype == torch.float32 else 3e-3)
+
+
+@pytest.mark.parametrize(("tile", "crop"), [(128, None), (192, 128)])
+def test_a_row_range_keeps_its_sums_on_its_own_rows(tile, crop):
+    """``row_blocks``: a unit of origin rows [r0, r1) keeps a map of the block rows its windows reach, not of the
+    whole fragment, holding exactly those rows of the whole-fragment map (and the rest of that map is zero)."""
+    from ink_infer.plan import FragmentPlan
+
+    h, w = 420, 150
+    mask = blob_mask(h, w, seed=5)
+    vol = ArrayVolume(random_volume(h, w, seed=6))
+    spec = ModelSpec(name="p", arch="2.5d", in_chans=1, z_range=(20, 44), tile=tile, crop=crop)
+    touched = touched_blocks(mask)
+    origins = window_origins(touched)
+    r0, r1 = 2, 5
+    part = origins[(origins[:, 0] >= r0) & (origins[:, 0] < r1)]
+    ops = tta_ops(len(part))
+    item = FragmentPlan(None, (h, w), mask, touched, part, ops, rows=(r0, r1))
+    lo, hi = item.block_rows(tile)
+    assert (lo, hi) == (r0, r1 - 1 + tile // 32) and hi < cover_grid((h, w))[0]
+
+    def run(**kw):
+        return predict_fragment(PooledInputModel(ramp=0.3), spec, vol, touched, part, ops, device=CPU,
+                                dtype=torch.float32, batch_size=4, **kw)[0]  # fmt: skip
+
+    whole, local = run(), run(row_blocks=(lo, hi))
+    assert local.shape == ((hi - lo) * 32, whole.shape[1])
+    np.testing.assert_array_equal(local, whole[lo * 32 : hi * 32])
+    assert not whole[: lo * 32].any() and not whole[hi * 32 :].any()
