@@ -24,7 +24,8 @@ class FragmentEnsemble:
         prob = finalize(sum_map, count, self.mask)
         if self.total is None:
             self.total = np.zeros(self.shape, dtype=np.float32)
-        self.total += np.float32(weight) * prob
+        prob *= np.float32(weight)  # in place: no second fragment-sized temporary
+        self.total += prob
         self.covered_blocks |= count > 0
         self.weight_sum += weight
 

@@ -393,6 +393,8 @@ def _run_models(
                 ens.add(total, count, spec.weight)
                 if cfg.save_model_maps:
                     _write_model_map(cfg, p, spec.name, total, count)
+                del total  # fragment-sized: gone before the next fragment's
+        del done  # the model's maps go before the next model allocates its own
         write_report(
             cfg.out / "report.json", report, t0, final=False
         )  # progress, and what a killed run leaves
@@ -401,14 +403,15 @@ def _run_models(
 
 def _fragment_sums(plan: FragmentPlan, ranges: list[FragmentPlan], spec, sums: dict) -> np.ndarray:
     """One model's sums over a whole fragment from its units' maps, each on its own block rows (int64: exact in
-    any order); the one map of a fragment computed whole is used as it is."""
+    any order), taken out of ``sums`` as they are added; the one map of a fragment computed whole is used as it
+    is."""
     if len(ranges) == 1 and ranges[0].rows is None:
-        return sums[ranges[0].id]
+        return sums.pop(ranges[0].id)
     ch, cw = cover_grid(plan.shape)
     total = np.zeros((ch * BLOCK, cw * BLOCK), np.int64)
     for item in ranges:
         lo, hi = item.block_rows(spec.tile)
-        total[lo * BLOCK : hi * BLOCK] += sums[item.id]
+        total[lo * BLOCK : hi * BLOCK] += sums.pop(item.id)  # each range freed once added
     return total
 
 
