@@ -50,8 +50,9 @@ failed under --on-model-error fail; 130 / 143 stopped by SIGINT / SIGTERM (rerun
 
 
 def on_kaggle() -> bool:
-    """A Kaggle notebook (interactive or a committed run) sets KAGGLE_KERNEL_RUN_TYPE."""
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+    """A Kaggle notebook: KAGGLE_KERNEL_RUN_TYPE set (interactive sessions and committed runs alike), or, should an
+    image ever not set it, the notebook's /kaggle/working folder present."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or Path("/kaggle/working").is_dir()
 
 
 def kaggle_partials() -> Path:
