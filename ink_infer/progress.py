@@ -69,7 +69,7 @@ class RunProgress:
         """The next model starts, with ``windows`` windows to compute (reused units left out)."""
         self._model, self._done, self._seconds = (self.models_done + 1, name, windows), 0, 0.0
         self._last_line = time.monotonic()
-        if self.quiet:
+        if self.quiet or windows == 0:  # every unit read back from partials: its end line says so
             return
         if self.tty:
             self._bar = tqdm(total=windows, desc=self.label + self._title(), unit="win", leave=False, file=self.stream,
@@ -116,8 +116,13 @@ class RunProgress:
         self._done, self._seconds = 0, 0.0
         if not self.quiet:
             extra = f", {reused} unit(s) reused" if reused else ""
-            self._line(f"model {k}/{self.n_models} {name}: {status} in {_duration(seconds)}, {computed} windows "
-                       f"computed{extra}{self._run_eta_text()}")  # fmt: skip
+            done = (
+                f"{computed} windows computed{extra}"
+                if computed or not reused
+                else f"{reused} unit(s) reused"
+            )
+            self._line(f"model {k}/{self.n_models} {name}: {status} in {_duration(seconds)}, {done}"
+                       f"{self._run_eta_text()}")  # fmt: skip
 
     # -- figures --------------------------------------------------------------------------------------------------
     def run_eta(self) -> float | None:
