@@ -7,19 +7,21 @@ orientation.
 
 Rows of a turned image are columns of the original, and a column strip of a slice file touches every page of it,
 so the turned slices are written once into a cache, ``OUT/rotated/<id>/<z>.npy`` (uint16 memory maps, one slice
-at a time in memory; disk: the 65 slices' size), and read by bands from there like any uncompressed slice. The
-cache is rebuilt when its source changes (sizes and mtimes recorded in ``source.json``).
+at a time in memory; disk: the 65 slices' size, checked before writing), and read by bands from there like any
+uncompressed slice. The cache is rebuilt when its source changes (sizes and mtimes recorded in ``source.json``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .config import N_SLICES
+from .errors import UserError
 
 ANGLES = (0, 90, 180, 270)
 
@@ -107,14 +109,25 @@ def _cache_matches(cache: Path, source: dict) -> bool:
 
 def _build(volume, angle: int, cache: Path, source: dict) -> None:
     """Turn each slice into ``cache``: one slice in memory at a time; ``source.json`` last, so a cache cut short
-    by a crash is never taken as complete."""
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / "source.json").unlink(missing_ok=True)
-    for z in range(N_SLICES):
-        plane = volume.read_band(0, volume.height, z, z + 1)[0]
-        turned = np.ascontiguousarray(turn(plane, angle))
-        tmp = cache / f".{z:02d}.npy.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, turned)
-        os.replace(tmp, cache / f"{z:02d}.npy")
-    (cache / "source.json").write_text(json.dumps(source))
+    by a crash is never taken as complete. Too little room, or a write that fails, is a ``UserError``."""
+    need = N_SLICES * volume.height * volume.width * 2
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "source.json").unlink(missing_ok=True)
+        have = sum(f.stat().st_size for f in cache.glob("*.npy")) + shutil.disk_usage(cache).free
+        if have < need:
+            raise UserError(f"{cache}: {have / 2**30:.1f} GiB free, --rotate needs {need / 2**30:.1f} GiB for the "
+                            "turned slices: free some space or choose another --out")  # fmt: skip
+        for z in range(N_SLICES):
+            plane = volume.read_band(0, volume.height, z, z + 1)[0]
+            turned = np.ascontiguousarray(turn(plane, angle))
+            tmp = cache / f".{z:02d}.npy.tmp{os.getpid()}"
+            try:
+                with open(tmp, "wb") as f:
+                    np.save(f, turned)
+                os.replace(tmp, cache / f"{z:02d}.npy")
+            finally:
+                tmp.unlink(missing_ok=True)
+        (cache / "source.json").write_text(json.dumps(source))
+    except OSError as e:
+        raise UserError(f"{cache}: cannot write the turned slices for --rotate ({e.strerror or e})") from None

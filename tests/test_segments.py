@@ -239,3 +239,18 @@ def test_rotate_turns_the_input_and_the_outputs_back(data, manifest, tmp_path, s
     np.testing.assert_array_equal(tifffile.imread(out / "probabilities" / "a.tif"), turn(want, -angle))
     assert (out / "rotated" / "a" / "source.json").is_file()
     assert report_of(out)["options"]["rotate"] == angle
+
+
+def test_rotate_without_room_for_the_turned_slices_is_one_line(
+    data, manifest, tmp_path, standins, monkeypatch, capsys
+):
+    import shutil as sh
+
+    from ink_infer import rotation
+
+    frag, _ = kaggle_fragment(data, tmp_path)
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(rotation.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    out = tmp_path / "out"
+    assert run_cli(frag, out, manifest, "--rotate", "90") == 2
+    assert "--rotate needs" in one_error_line(capsys) and not (out / "submission.csv").exists()
