@@ -36,7 +36,7 @@ from .segments import (
     segment_id,
     segment_mask,
 )
-from .slices import DecodedSlice, MappedSlice, open_slice
+from .slices import DecodedSlice, MappedSlice, band_buffer, file_stats, open_slice
 
 log = logging.getLogger(__name__)
 
@@ -253,21 +253,17 @@ class Volume:
     def memmapped(self) -> bool:
         return all(src.memmapped for src in self._slices)
 
+    def describe(self) -> dict:
+        """What the fragment's fingerprint holds of the data: each slice file's size and mtime, in layer order."""
+        return {"slices": file_stats(self.paths)}
+
     def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [y0, y1) of slices [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 on the CPU.
 
         Rows at or beyond H are zero-filled, so a full window height can be read at the bottom. ``out`` (same shape
         and dtype, e.g. a pinned buffer) is filled and returned instead of a new array.
         """
-        if not (0 <= y0 < y1 and 0 <= z0 < z1 <= N_SLICES):
-            raise ValueError(
-                f"read_band({y0}, {y1}, {z0}, {z1}): expected 0 <= y0 < y1, 0 <= z0 < z1 <= {N_SLICES}"
-            )
-        shape = (z1 - z0, y1 - y0, self.width)
-        if out is None:
-            out = np.empty(shape, np.uint16)
-        elif out.shape != shape or out.dtype != np.uint16:
-            raise ValueError(f"read_band out: {out.shape} {out.dtype}, expected {shape} uint16")
+        out = band_buffer(y0, y1, z0, z1, self.width, out)
         rows = max(0, min(y1, self.height) - y0)
         for k, z in enumerate(range(z0, z1)):
             if rows:

@@ -112,7 +112,7 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
     with open_volume(fragment) as vol:
         shape = (vol.height, vol.width)
         notes = list(vol.warnings)  # files in surface_volume/ that are not slices, ignored
-        data = vol.describe() if hasattr(vol, "describe") else {"slices": file_stats(vol.paths)}
+        data = vol.describe()
     mask, warning = load_mask(fragment, shape)
     if warning:
         notes.append(warning)
@@ -128,15 +128,6 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
         fragment, shape, mask, touched, origins, tta_ops(len(origins), mode=tta), notes=notes,
         fingerprint=fragment_fingerprint(fragment, shape, mask, data),
     )  # fmt: skip
-
-
-def file_stats(paths) -> list[list]:
-    """``[name, size, mtime_ns]`` of each file, in the models' layer order."""
-    stats = []
-    for path in paths:
-        st = path.stat()
-        stats.append([path.name, st.st_size, st.st_mtime_ns])
-    return stats
 
 
 def fragment_fingerprint(fragment: Fragment, shape: tuple[int, int], mask: np.ndarray, data: dict) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import N_SLICES
 from .errors import UserError
+from .slices import band_buffer
 
 ANGLES = (0, 90, 180, 270)
 
@@ -57,11 +58,13 @@ class RotatedVolume:
 
     def __init__(self, volume, angle: int, cache: Path) -> None:
         self.warnings = list(volume.warnings)
-        self.paths = list(getattr(volume, "paths", []))
-        self._describe = volume.describe() if hasattr(volume, "describe") else None
+        self.paths = list(volume.paths)
+        self._source = (
+            volume.describe()
+        )  # the cache is derived from it: the fingerprint's data stays the source's
         h, w = volume.height, volume.width
         self.height, self.width = (w, h) if turns(angle) % 2 else (h, w)
-        source = {"angle": angle, "shape": [h, w], "slices": _stats(self.paths) or self._describe}
+        source = {"angle": angle, "shape": [h, w], "data": self._source}
         if not _cache_matches(cache, source):
             _build(volume, angle, cache, source)
         self._slices = [np.load(cache / f"{z:02d}.npy", mmap_mode="r") for z in range(N_SLICES)]
@@ -71,14 +74,11 @@ class RotatedVolume:
         return (N_SLICES, self.height, self.width)
 
     def describe(self) -> dict:
-        """For the fragment's fingerprint: the source's identity and the angle (the cache is derived from them)."""
-        data = {"slices": _stats(self.paths)} if self.paths else dict(self._describe or {})
-        return data
+        """For the fragment's fingerprint: the source's (the angle is in the fingerprint beside it)."""
+        return self._source
 
     def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
-        shape = (z1 - z0, y1 - y0, self.width)
-        if out is None:
-            out = np.empty(shape, np.uint16)
+        out = band_buffer(y0, y1, z0, z1, self.width, out)
         rows = max(0, min(y1, self.height) - y0)
         for k, z in enumerate(range(z0, z1)):
             if rows:
@@ -94,10 +94,6 @@ class RotatedVolume:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _stats(paths) -> list[list]:
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
 def _cache_matches(cache: Path, source: dict) -> bool:

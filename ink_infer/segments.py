@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import N_SLICES
 from .errors import UserError
-from .slices import SLICE_DTYPES, copy_scaled
+from .slices import SLICE_DTYPES, band_buffer, copy_scaled
 
 LAYERS_DIR = "layers"
 ZARR_SUFFIX = ".zarr"
@@ -140,13 +140,7 @@ class ZarrVolume:
 
     def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [y0, y1) of the models' layers [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 (uint8 x 257)."""
-        if not (0 <= y0 < y1 and 0 <= z0 < z1 <= N_SLICES):
-            raise ValueError(
-                f"read_band({y0}, {y1}, {z0}, {z1}): expected 0 <= y0 < y1, 0 <= z0 < z1 <= {N_SLICES}"
-            )
-        shape = (z1 - z0, y1 - y0, self.width)
-        if out is None:
-            out = np.empty(shape, np.uint16)
+        out = band_buffer(y0, y1, z0, z1, self.width, out)
         rows = max(0, min(y1, self.height) - y0)
         picked = self.layers[z0:z1]
         lo, hi = min(picked), max(picked) + 1  # contiguous: the pick is a range, maybe reversed

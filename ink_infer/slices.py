@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from .config import N_SLICES
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,30 @@ def copy_scaled(src: np.ndarray, out: np.ndarray) -> None:
         np.multiply(src, UINT8_TO_UINT16, out=out, dtype=np.uint16)
     else:
         out[...] = src
+
+
+def band_buffer(y0: int, y1: int, z0: int, z1: int, width: int, out: np.ndarray | None) -> np.ndarray:
+    """The ``(z1 - z0, y1 - y0, width)`` uint16 array a volume's ``read_band`` fills: ``out`` when given (checked),
+    else a new one; the arguments checked as every volume takes them."""
+    if not (0 <= y0 < y1 and 0 <= z0 < z1 <= N_SLICES):
+        raise ValueError(
+            f"read_band({y0}, {y1}, {z0}, {z1}): expected 0 <= y0 < y1, 0 <= z0 < z1 <= {N_SLICES}"
+        )
+    shape = (z1 - z0, y1 - y0, width)
+    if out is None:
+        return np.empty(shape, np.uint16)
+    if out.shape != shape or out.dtype != np.uint16:
+        raise ValueError(f"read_band out: {out.shape} {out.dtype}, expected {shape} uint16")
+    return out
+
+
+def file_stats(paths) -> list[list]:
+    """``[name, size, mtime_ns]`` of each file, in order: a cheap identity of slice files (any rewrite changes it)."""
+    stats = []
+    for path in paths:
+        st = Path(path).stat()
+        stats.append([Path(path).name, st.st_size, st.st_mtime_ns])
+    return stats
 
 
 class MappedSlice:
