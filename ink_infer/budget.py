@@ -57,15 +57,17 @@ def project(
     their grids / touching their masks (the share of a scaled fragment that would hold windows). The rate is the
     median time per window over the timed batches, leaving out each fragment's first (warm-up: cudnn autotuning,
     allocator growth, lazy initialisation), since a few slow batches must not flip the verdict; the 10th and 90th
-    percentiles say how much the batches varied."""
+    percentiles say how much the batches varied. A compiled model's compile seconds are added once."""
     rates = warm_rates(result.fragments.values())
     rate = float(np.median(rates)) / 1000 if rates else 0.0
     spread = [float(v) / 1000 for v in np.percentile(rates, (10, 90))] if rates else None
     k = stride // BLOCK
     share = touched_blocks / grid_blocks if grid_blocks else 1.0
-    scaled = {f"{h}x{w}": rate * share * (h // BLOCK) * (w // BLOCK) / (k * k) / 3600 for h, w in scale_to}
+    compile_h = ((result.tuning or {}).get("compile_s") or 0.0) / 3600  # once per model (--compile)
+    scaled = {f"{h}x{w}": rate * share * (h // BLOCK) * (w // BLOCK) / (k * k) / 3600 + compile_h
+              for h, w in scale_to}  # fmt: skip
     return Projection(
-        s_per_window=rate, projected_hours=rate * total_windows / 3600, projected_hours_scaled=scaled,
+        s_per_window=rate, projected_hours=rate * total_windows / 3600 + compile_h, projected_hours_scaled=scaled,
         batches=len(rates), s_per_window_p10_p90=spread,
     )  # fmt: skip
 

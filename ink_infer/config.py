@@ -16,6 +16,10 @@ ARCHS = ("2.5d", "csn3d")
 # Window-origin rows per streamed band at most: a power of two, so a multiple of every band's rows
 # (``stream.rows_per_band_for``); ``plan.split_rows`` cuts fragments at its multiples.
 MAX_ROWS_PER_BAND = 16
+# A fragment with more pixels is "large": its units are row ranges of at most this many pixels (``plan.split_rows``),
+# their sums go through the partials on disk, and its ensemble map lives in a file (``raster.py``). 256 MiB as
+# float32: Kaggle's fragments 1 and 3 stay whole and in memory; fragment 2 (141 M px) and scroll segments do not.
+LARGE_PIXELS = 2**26
 # The reference models' widths, and which arch each optional width key belongs to.
 WIDTH_DEFAULTS = {"dim": 512, "base_channels": 64, "head_dim": 512}
 WIDTH_ARCH = {"dim": "2.5d", "base_channels": "csn3d", "head_dim": "csn3d"}
@@ -151,6 +155,7 @@ class RunConfig:
     rotate: int = (
         0  # --rotate: degrees the input is turned counterclockwise before inference (outputs turned back)
     )
+    compile: str = "none"  # --compile none | default | max-autotune | auto (compiling.py)
 
     @property
     def layer_choice(self):
@@ -181,6 +186,8 @@ class RunConfig:
             raise UserError(f"--rotate {self.rotate}: expected 0, 90, 180 or 270")
         if self.tta not in ("none", "scheduled", "full"):
             raise UserError(f"--tta {self.tta!r}: expected none, scheduled or full")
+        if self.compile not in ("none", "default", "max-autotune", "auto"):
+            raise UserError(f"--compile {self.compile!r}: expected none, default, max-autotune or auto")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device {self.device!r}: expected auto, cpu or cuda")
         if self.part_id >= self.num_parts:

@@ -17,15 +17,18 @@ import torch
 
 from . import plan
 from .budget import BudgetSkip, EtaMonitor
+from .compiling import compile_model
 from .config import ModelSpec
 from .errors import DeviceError, ModelRunError, UserError
 from .fragments import open_volume
 from .models import build_model
 from .models.checkpoint import load_weights, state_shapes
+from .models.swin_attention import freeze_window_bias
 from .partials import PartialStore
 from .plan import FragmentPlan, Unit, Weights
 from .predict import PredictStats, predict_fragment
 from .progress import RunProgress
+from .raster import is_large
 from .results import PARTIAL_REUSED, PARTIAL_SAVED, FragmentResult, ModelResult
 from .runtime import Runtime, gpu_peaks_gib, host_peak_gib
 from .stop import Interrupted, StopRequest
@@ -52,15 +55,30 @@ class ModelRunOptions:
     max_nonfinite: float = 0.01
     on_model_error: str = "skip"  # skip | fail
     fresh: bool = False  # --fresh: partials are written but never read
+    compile: str = (
+        "none"  # the resolved --compile mode (compiling.resolve_mode): none | default | max-autotune
+    )
+
+
+IN_STORE = (
+    "in the partials"  # in ``ModelRun.sums``: a large fragment's unit, read back from its partial to merge
+)
 
 
 @dataclass
 class ModelRun:
     """What ``run_model`` hands back: the model's result and, when it is ``ok`` in a full run, its sum maps by
-    unit id (fixed-point int64 on the unit's block rows, ``Unit.block_rows``; all units or none)."""
+    unit id (fixed-point int64 on the unit's block rows, ``Unit.block_rows``; all units or none). A unit of a
+    large fragment (``raster.is_large``) whose partial is saved is ``IN_STORE`` instead: a model's sums over a
+    scroll segment are never all in memory."""
 
     result: ModelResult
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    sums: dict[str, np.ndarray | str] = field(default_factory=dict)
+
+
+def _held(unit: Unit, sum_map: np.ndarray, saved: bool) -> np.ndarray | str:
+    """What ``ModelRun.sums`` keeps of a unit: its map, or ``IN_STORE`` for a large fragment's saved unit."""
+    return IN_STORE if saved and is_large(unit.fragment.shape) else sum_map
 
 
 class RunEnded(Exception):
@@ -108,13 +126,27 @@ def expected_state(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 def load_model(
     spec: ModelSpec, path: Path | None, *, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, dict | None]:
-    """Build on CPU, load weights strictly (or seeded random init), move to the device in the run's dtype.
+    """Build on CPU, load weights strictly (or seeded random init), move to the device in the run's dtype; a
+    SwinV2 encoder's position bias is then computed once (``models.swin_attention``).
 
     Returns the model and what ``load_weights`` found (None for random init)."""
     torch.manual_seed(plan.RANDOM_SEED)  # read here, so a test can set it (plan.RANDOM_SEED)
     model = build_model(spec)
     info = load_weights(model, path, spec) if path is not None else None
-    return model.to(device=device, dtype=dtype).eval(), info
+    model = model.to(device=device, dtype=dtype).eval()
+    freeze_window_bias(model, fused=False)  # SwinV2: its position bias is a constant once the weights are in
+    return model, info
+
+
+def unit_spec(units: Sequence[Unit]) -> ModelSpec:
+    return units[0].model
+
+
+def _example_batch(spec: ModelSpec, batch: int, runtime: Runtime) -> torch.Tensor:
+    """One batch of the shape and dtype the model will see: what it is compiled on."""
+    return torch.zeros(
+        (batch, spec.n_slices, spec.side, spec.side), device=runtime.device, dtype=runtime.dtype
+    )
 
 
 def unit_windows(unit: Unit, options: ModelRunOptions) -> int:
@@ -228,7 +260,11 @@ def _compute(
             model, spec, device=runtime.device, dtype=runtime.dtype, gpu_mem_gb=options.gpu_mem_gb,
             requested=options.batch_size,
         )  # fmt: skip
-        result.tuning = tuning.as_dict()
+        model.inner, compile_s, eager_why = compile_model(
+            model.inner, options.compile, _example_batch(unit_spec(todo), tuning.batch_size, runtime)
+        )
+        result.tuning = {**tuning.as_dict(), "compile": options.compile if eager_why is None else "none",
+                         "compile_s": compile_s, "compile_note": eager_why}  # fmt: skip
         if eta is not None and tuning.s_per_window is not None:
             eta.check(sum(u.windows for u in todo) * tuning.s_per_window, "by its probe")
         sums = {}
@@ -237,8 +273,9 @@ def _compute(
         for unit in todo:
             stop.check()
             sum_map, stats = _run_unit(
-                model, unit, options, runtime, tuning.batch_size, stop, eta, windows_left, progress, done
-            )
+                model, unit, options, runtime, tuning.batch_size, stop, eta, windows_left, progress, done,
+                fixed_batch=eager_why is None and options.compile != "none",
+            )  # fmt: skip
             windows_left -= unit.windows
             done.windows, done.seconds = done.windows + stats.windows, done.seconds + stats.seconds
             frag = fragment_result(stats, runtime.device)
@@ -248,7 +285,8 @@ def _compute(
             )
             if store is not None:
                 frag.partial = store.save(unit, sum_map, frag) or PARTIAL_SAVED
-            sums[unit.fragment.id] = sum_map
+            sums[unit.fragment.id] = _held(unit, sum_map, frag.partial == PARTIAL_SAVED)
+            del sum_map
         return sums
     finally:
         # careful release: once per model, not per batch (empty_cache is slow when overused)
@@ -277,6 +315,8 @@ def _run_unit(
     windows_left: int,
     progress: RunProgress | None = None,
     done: _Done | None = None,
+    *,
+    fixed_batch: bool = False,
 ) -> tuple[np.ndarray, PredictStats]:
     """One unit through ``predict_fragment`` (in a dry run only a spread sample of its windows); ``windows_left``:
     this model's windows still to run, this unit's included (the budget check projects them); ``done``: what the
@@ -303,7 +343,7 @@ def _run_unit(
             return predict_fragment(
                 model, unit.model, volume, frag.touched, origins, ops, device=runtime.device, dtype=runtime.dtype,
                 batch_size=batch_size, tta=options.tta, row_blocks=unit.block_rows(), timed=options.dry_run,
-                on_batch=on_batch,
+                on_batch=on_batch, fixed_batch=fixed_batch,
             )  # fmt: skip
     except OSError as e:  # the data went away or went bad mid-run: no model can read it
         raise UserError(f"{frag.fragment.path}: cannot read ({e.strerror or e})") from None
@@ -344,7 +384,8 @@ def _reuse_partials(units: list[Unit], store: PartialStore, result: ModelResult)
                 log.info("partial of %s on %s not used: %s", unit.model.name, frag_id, why)
             continue
         frag.partial = PARTIAL_REUSED
-        found[frag_id] = sum_map
+        found[frag_id] = _held(unit, sum_map, True)
+        del sum_map
         result.fragments[frag_id] = frag
         result.warnings.extend(check_outputs(unit.model.name, frag_id, frag))
     if found:

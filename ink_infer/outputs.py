@@ -1,5 +1,5 @@
 """The tail of a run: ensemble mean -> percentile threshold -> RLE -> previews and submission.csv (and, for
-researchers, the full-resolution probability TIFFs and ink PNGs of ``maps.py``).
+researchers, the full-resolution probability TIFFs and ink PNGs of ``maps.py``), each fragment's map read by bands.
 
 A preview that cannot be written is a warning; a submission.csv that cannot be written is a ``UserError`` and
 leaves the previous file (or none) in place: submission.csv is only ever replaced, atomically, by a complete one.
@@ -12,16 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .config import ThresholdSpec
 from .ensemble import FragmentEnsemble
 from .errors import UserError
-from .maps import write_mask_png, write_probability_tiff
+from .maps import TILE, write_mask_png, write_probability_tiff
 from .plan import FragmentPlan
-from .previews import write_preview
+from .previews import PreviewAccumulator, write_accumulated_preview
+from .raster import array_piece, bands, turned_band, turned_shape
 from .results import FragmentOutput, SubmissionResult
-from .rle import rle_encode, write_submission
-from .rotation import turn_back
-from .threshold import binarize
+from .rle import RleEncoder, write_submission
+from .threshold import banded_quantile
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +48,9 @@ def write_outputs(
     the error message can promise a rerun when submission.csv cannot be written)."""
     rows, summary, maps = [], {}, []
     for plan, ens in zip(plans, ensembles, strict=True):
-        # back in the fragment's own orientation when the run saw it turned (--rotate); the quantile is unchanged
-        angle = plan.fragment.rotate
-        prob, region = turn_back(ens.mean(), angle), turn_back(ens.region(options.threshold.region), angle)
-        mask = turn_back(plan.mask, angle)
-        ink, thr = binarize(prob, region, options.threshold.percentile)
-        rows.append((plan.fragment.submission_id, rle_encode(ink)))
-        summary[plan.id] = FragmentOutput(
-            None if thr is None else float(thr), float(ink.mean()), int(region.sum())
-        )
-        if options.previews:
-            path = options.out / "previews" / f"{plan.id}.png"
-            try:
-                threshold = summary[plan.id].threshold  # thr as a float (or None)
-                write_preview(path, prob, ink, mask, fragment_id=plan.id, threshold=threshold)
-            except OSError as e:
-                log.warning("%s: preview not written (%s)", path, e.strerror or e)
-        if options.probabilities:
-            maps.extend(_write_maps(options.out, plan.id, prob, ink))
+        row, summary[plan.id], written = _fragment_outputs(plan, ens, options)
+        rows.append(row)
+        maps.extend(written)
     path = options.out / "submission.csv"
     try:
         write_submission(rows, path)
@@ -80,15 +67,81 @@ def write_outputs(
     return SubmissionResult(str(path), summary, maps)
 
 
-def _write_maps(out: Path, frag_id: str, prob, ink) -> list[str]:
-    """The fragment's probability TIFF and ink PNG; a file that cannot be written is a warning (the submission is
-    what must not fail). Returns the paths written."""
-    written = []
-    for path, write in ((out / "probabilities" / f"{frag_id}.tif", lambda p: write_probability_tiff(p, prob)),
-                        (out / "masks" / f"{frag_id}.png", lambda p: write_mask_png(p, ink))):  # fmt: skip
+def _fragment_outputs(plan: FragmentPlan, ens: FragmentEnsemble, options: OutputOptions):
+    """One fragment's submission row, its summary and the pictures written, in passes over its ensemble map by
+    bands (never the whole map in memory): the threshold's two, then one that encodes the RLE, draws the preview
+    and writes the probability TIFF, and one more for the ink PNG.
+
+    Outputs are in the fragment's own orientation when the run saw it turned (``--rotate``): the quantile does not
+    depend on it, the rest is read turned back (``raster.turned_band``)."""
+    h, w = plan.shape
+    region = ens.region_piece(options.threshold.region)
+
+    def region_values():
+        for lo, hi in bands(h):
+            yield ens.mean_piece(lo, hi, 0, w)[region(lo, hi, 0, w)]
+
+    thr = banded_quantile(region_values, options.threshold.percentile)
+    angle = plan.fragment.rotate
+    shape = turned_shape(plan.shape, angle)
+
+    def output_bands():
+        """``(probability, ink, mask, region)`` rows of the turned-back fragment, in bands of ``maps.TILE`` rows."""
+        for lo, hi in bands(shape[0], TILE):
+            prob = turned_band(ens.mean_piece, plan.shape, angle, lo, hi)
+            in_region = turned_band(region, plan.shape, angle, lo, hi)
+            ink = (prob > thr) & in_region if thr is not None else np.zeros(prob.shape, bool)
+            yield prob, ink, turned_band(array_piece(plan.mask), plan.shape, angle, lo, hi), in_region
+
+    def tallied(tally: _Tally):
+        """The probability rows, each band tallied (RLE, counts, preview) as it passes."""
+        for prob, ink, mask, in_region in output_bands():
+            tally.add(prob, ink, mask, in_region)
+            yield prob
+
+    written, tally = [], _Tally(shape, options.previews)
+    if options.probabilities:
+        tiff = options.out / "probabilities" / f"{plan.id}.tif"
+        written += _written(tiff, lambda p: write_probability_tiff(p, shape, tallied(tally)))
+    if not written:  # not asked for, or it failed part way: the pass the submission needs, without the TIFF
+        tally = _Tally(shape, options.previews)
+        for _ in tallied(tally):
+            pass
+    if options.probabilities:
+        png = options.out / "masks" / f"{plan.id}.png"
+        written += _written(png, lambda p: write_mask_png(p, shape, (ink for _, ink, _, _ in output_bands())))
+    output = FragmentOutput(None if thr is None else float(thr), tally.ink / max(h * w, 1), tally.region)
+    if tally.preview is not None:
+        path = options.out / "previews" / f"{plan.id}.png"
         try:
-            write(path)
-            written.append(str(path))
+            write_accumulated_preview(path, tally.preview, fragment_id=plan.id, threshold=output.threshold)
         except OSError as e:
-            log.warning("%s: not written (%s)", path, e.strerror or e)
-    return written
+            log.warning("%s: preview not written (%s)", path, e.strerror or e)
+    return (plan.fragment.submission_id, tally.rle.text()), output, written
+
+
+class _Tally:
+    """What one pass over a fragment's output bands adds up: its RLE, ink and region pixels, its preview."""
+
+    def __init__(self, shape: tuple[int, int], previews: bool) -> None:
+        self.rle = RleEncoder()
+        self.preview = PreviewAccumulator(shape) if previews else None
+        self.ink = self.region = 0
+
+    def add(self, prob: np.ndarray, ink: np.ndarray, mask: np.ndarray, in_region: np.ndarray) -> None:
+        self.rle.add(ink)
+        self.ink += int(np.count_nonzero(ink))
+        self.region += int(np.count_nonzero(in_region))
+        if self.preview is not None:
+            self.preview.add(prob, ink, mask)
+
+
+def _written(path: Path, write) -> list[str]:
+    """``[path]`` once ``write(path)`` wrote it; a picture that cannot be written is a warning (the submission is
+    what must not fail)."""
+    try:
+        write(path)
+    except OSError as e:
+        log.warning("%s: not written (%s)", path, e.strerror or e)
+        return []
+    return [str(path)]

@@ -26,24 +26,37 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
 from .budget import EtaMonitor, project, verdicts
+from .compiling import resolve_mode, use_cache_under
 from .config import BLOCK, RunConfig
 from .ensemble import FragmentEnsemble
 from .errors import DeviceError, ModelRunError, UserError
 from .fragments import find_fragments
 from .manifest import load_manifest, sha256_file
-from .maps import write_probability_tiff
-from .model_run import ModelRunOptions, RunEnded, run_model
+from .maps import TILE, write_probability_tiff
+from .model_run import IN_STORE, ModelRunOptions, RunEnded, run_model
 from .outputs import OutputOptions, write_outputs
 from .partials import PartialStore
 from .plan import FragmentPlan, Unit, UnitSettings, assign, model_count, plan_run
 from .preflight import check_free_space, check_hashes, check_stride, check_weights, prepare_out
 from .progress import RunProgress
+from .raster import (
+    Raster,
+    bands,
+    is_large,
+    remove_scratch,
+    scratch_dir,
+    scratch_path,
+    turned_band,
+    turned_shape,
+)
 from .results import (
     PARTIAL_REUSED,
     PARTIAL_SAVED,
@@ -54,11 +67,10 @@ from .results import (
     RunReport,
     write_report,
 )
-from .rotation import turn_back, with_rotation
+from .rotation import with_rotation
 from .runtime import Runtime, environment, rank_device, resolve_devices, start_runtime, torchrun_rank
 from .stitch import finalize
 from .stop import Interrupted, StopRequest, signal_name
-from .tiling import cover_grid
 from .workers import (
     WorkerInputs,
     WorkerJob,
@@ -75,11 +87,11 @@ from .workers import (
 log = logging.getLogger(__name__)
 
 
-def model_options(cfg: RunConfig, *, fresh: bool) -> ModelRunOptions:
+def model_options(cfg: RunConfig, runtime: Runtime, *, fresh: bool) -> ModelRunOptions:
     return ModelRunOptions(
         tta=cfg.tta, dry_run=cfg.dry_run, max_windows=cfg.max_windows, batch_size=cfg.batch_size,
         gpu_mem_gb=cfg.budget.gpu_mem_gb, max_nonfinite=cfg.max_nonfinite, on_model_error=cfg.on_model_error,
-        fresh=fresh,
+        fresh=fresh, compile=resolve_mode(cfg.compile, runtime.device)[0],
     )  # fmt: skip
 
 
@@ -109,7 +121,9 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
     fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice)
     fragments = with_rotation(fragments, cfg.rotate, cfg.out)
     plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
-    disk = check_free_space(cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run)
+    disk = check_free_space(
+        cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run, model_maps=cfg.save_model_maps
+    )
     weights = check_weights(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
     unverified = check_hashes(manifest, weights, require=cfg.require_hashes)
     rank = torchrun_rank()
@@ -119,6 +133,9 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
             "under torchrun each rank is one part: use it without --devices, --num-parts, --merge-only"
         )
     runtime = start_runtime(_own_device(cfg, devices, rank), gpu_mem_gb=cfg.budget.gpu_mem_gb)
+    compile_mode, compile_why = resolve_mode(cfg.compile, runtime.device)
+    if compile_mode != "none":
+        use_cache_under(cfg.out)
     for p in plans:
         warnings.extend(p.notes)
     for w in warnings:
@@ -128,7 +145,9 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
         manifest=str(manifest.path.absolute()), manifest_sha256=sha256_file(manifest.path),
         data=str(cfg.data.absolute()), options=resolved_options(cfg, fresh=fresh),
         stride=cfg.stride, tta=cfg.tta, threshold=dataclasses.asdict(threshold),
-        environment=environment(runtime.device), gpu_memory_fraction=runtime.gpu_memory_fraction, disk=disk,
+        environment={**environment(runtime.device), "compile": {"asked": cfg.compile, "mode": compile_mode,
+                                                                 "why": compile_why}},
+        gpu_memory_fraction=runtime.gpu_memory_fraction, disk=disk,
         warnings=warnings, fragments={p.id: FragmentPlanned(list(p.shape), len(p.origins)) for p in plans},
         partials=PartialsSummary(dir=None if cfg.dry_run else str(cfg.partials_dir.absolute()), fresh=fresh,
                                  keep=cfg.keep_partials),
@@ -183,6 +202,7 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
                     plans, ensembles, OutputOptions(cfg.out, threshold, cfg.previews, maps),
                     partials_kept=report.partials_kept, partials_dir=cfg.partials_dir,
                 )  # fmt: skip
+                remove_scratch(scratch_path(cfg.partials_dir))  # before the partials' folder may go
                 if not cfg.keep_partials:  # the submission is written: nothing left to resume
                     report.partials.deleted = PartialStore(cfg.partials_dir, _settings(cfg, runtime)).clear()
         except Interrupted as e:
@@ -202,6 +222,8 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
             report.error = f"internal error: {type(e).__name__}: {e}".splitlines()[0]
             write_report(report_path, report, t0, final=False)
             raise
+        finally:
+            remove_scratch(scratch_path(cfg.partials_dir))  # spilled maps are never resumed from
     report.status = "ok"
     write_report(report_path, report, t0, final=True)
     return report
@@ -265,7 +287,7 @@ def _compute_part(cfg, models, items, runtime, stop, t0, n, i, rank, *, fresh: b
     try:
         part = compute_share(
             shares[i],
-            model_options(cfg, fresh=fresh),
+            model_options(cfg, runtime, fresh=fresh),
             runtime,
             stop=stop,
             store=store,
@@ -300,7 +322,7 @@ def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, 
     where = WorkerInputs(cfg.data, cfg.manifest, cfg.stride, cfg.tta, cfg.unit_windows,
                          {spec.name: w for spec, w in models}, cfg.layer_choice, cfg.rotate, cfg.out)  # fmt: skip
     jobs = [
-        WorkerJob(share.label, share.device, share.units, where, model_options(cfg, fresh=fresh),
+        WorkerJob(share.label, share.device, share.units, where, model_options(cfg, runtime, fresh=fresh),
                   _settings(cfg, runtime), cfg.out, cfg.partials_dir, cfg.budget.gpu_mem_gb, deadline,
                   worker_threads(devices), cfg.quiet, cfg.progress_every)
         for share in shares
@@ -333,7 +355,13 @@ def _check_merge(models, items, runtime, cfg: RunConfig, elsewhere: Elsewhere) -
 
 
 def _settings(cfg: RunConfig, runtime: Runtime) -> UnitSettings:
-    return UnitSettings(cfg.stride, cfg.tta, runtime.device.type, runtime.dtype_name)
+    return UnitSettings(
+        cfg.stride,
+        cfg.tta,
+        runtime.device.type,
+        runtime.dtype_name,
+        resolve_mode(cfg.compile, runtime.device)[0],
+    )
 
 
 def _makespan(report: RunReport, items, workers: int) -> float | None:
@@ -354,11 +382,11 @@ def _run_models(
     """Each model over every unit, its result added to ``report`` (written after each), its maps to the
     ensemble in manifest order, a fragment's row ranges summed in row order; a dry run projects each model's full
     run instead. Units that other processes saved are read back; a model that failed elsewhere joins nowhere."""
-    options = model_options(cfg, fresh=fresh and not elsewhere.saved)
+    options = model_options(cfg, runtime, fresh=fresh and not elsewhere.saved)
     store = None if cfg.dry_run else PartialStore(cfg.partials_dir, _settings(cfg, runtime))
     eta = None if cfg.dry_run else EtaMonitor.for_budget(cfg.budget, t0)
     progress = _progress(cfg, len(models), items)
-    ensembles = [FragmentEnsemble(p.shape, p.mask) for p in plans]
+    ensembles = [FragmentEnsemble(p.shape, p.mask, _spill(cfg, p, "ensemble")) for p in plans]
     for spec, weights in models:
         stop.check()
         if spec.name in elsewhere.failed:
@@ -386,14 +414,12 @@ def _run_models(
         report.add_model(result)
         if done.sums:  # all units or none: a model joins the ensemble once it has finished everywhere
             for p, ens in zip(plans, ensembles, strict=True):
-                total = _fragment_sums(
-                    p, [item for item in items if item.fragment is p.fragment], spec, done.sums
-                )
-                count = model_count(p, spec)
-                ens.add(total, count, spec.weight)
+                ranges = [item for item in items if item.fragment is p.fragment]
+                take = functools.partial(_take_sums, done.sums, spec, weights, store)
+                rows = _model_rows(p, ranges, spec, take)
                 if cfg.save_model_maps:
-                    _write_model_map(cfg, p, spec.name, total, count)
-                del total  # fragment-sized: gone before the next fragment's
+                    rows = _model_map_kept(cfg, p, spec.name, rows)
+                ens.add_model(model_count(p, spec), spec.weight, rows)
         del done  # the model's maps go before the next model allocates its own
         write_report(
             cfg.out / "report.json", report, t0, final=False
@@ -401,27 +427,96 @@ def _run_models(
     return ensembles
 
 
-def _fragment_sums(plan: FragmentPlan, ranges: list[FragmentPlan], spec, sums: dict) -> np.ndarray:
-    """One model's sums over a whole fragment from its units' maps, each on its own block rows (int64: exact in
-    any order), taken out of ``sums`` as they are added; the one map of a fragment computed whole is used as it
-    is."""
-    if len(ranges) == 1 and ranges[0].rows is None:
-        return sums.pop(ranges[0].id)
-    ch, cw = cover_grid(plan.shape)
-    total = np.zeros((ch * BLOCK, cw * BLOCK), np.int64)
-    for item in ranges:
+def _spill(cfg: RunConfig, plan: FragmentPlan, what: str):
+    """The file a large fragment's map of ``what`` lives in, in this run's scratch folder; None: in memory."""
+    if not is_large(plan.shape) or cfg.dry_run:
+        return None
+    return scratch_dir(cfg.partials_dir) / f"{_safe(plan.id)}.{_safe(what)}.f32"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def _take_sums(sums: dict, spec, weights, store: PartialStore | None, item: FragmentPlan) -> np.ndarray:
+    """A unit's int64 sums on its block rows, taken out of the model's ``sums``: kept in memory, or (a large
+    fragment's) read back from its partial."""
+    found = sums.pop(item.id)
+    if found is not IN_STORE:
+        return found
+    unit = Unit(spec, weights, item)
+    loaded, _, why = store.load(unit)
+    if loaded is None:
+        path = store.path(spec.name, item.fragment.id)
+        raise UserError(
+            f"{path}: saved by this run but no longer readable ({why or 'gone'}): rerun the same command"
+        )
+    return loaded
+
+
+def _model_rows(
+    plan: FragmentPlan, ranges: list[FragmentPlan], spec, take
+) -> Iterator[tuple[int, np.ndarray]]:
+    """One model's probability map over a fragment as ``(first row, float32 rows)``, in row order, from its
+    units' sums (``take(item)``: int64 on the item's block rows, exact in any order). Each range is added to the
+    rows still open as it comes, and the rows that no later range reaches are finished (``stitch.finalize``)
+    and handed on: what is held is about one range, never the fragment."""
+    count = model_count(plan, spec)
+    pending, p_lo = None, 0  # the open block rows' sums, from block row p_lo
+    for item in ranges:  # in row order: each range's first block row is at or past the previous one's
         lo, hi = item.block_rows(spec.tile)
-        total[lo * BLOCK : hi * BLOCK] += sums.pop(item.id)  # each range freed once added
-    return total
+        sums = take(item)
+        if pending is not None:
+            p_hi = p_lo + len(pending) // BLOCK
+            done = min(lo, p_hi) - p_lo  # block rows no later range reaches
+            yield from _finished_rows(plan, count, pending[: done * BLOCK], p_lo)
+            pending, p_lo = pending[done * BLOCK :], p_lo + done
+            if not len(pending):
+                pending = None
+        if pending is None:
+            pending, p_lo = sums, lo
+            continue
+        grown = np.zeros(((max(p_lo + len(pending) // BLOCK, hi) - p_lo) * BLOCK, pending.shape[1]), np.int64)
+        grown[: len(pending)] = pending
+        grown[(lo - p_lo) * BLOCK : (hi - p_lo) * BLOCK] += sums
+        pending = grown
+        del sums
+    if pending is not None:
+        yield from _finished_rows(plan, count, pending, p_lo)
 
 
-def _write_model_map(cfg: RunConfig, plan: FragmentPlan, model: str, total, count) -> None:
-    """--save-model-maps: one model's probability map over one fragment, as the ensemble's is written."""
-    path = cfg.out / "probabilities" / f"{plan.id}.{model}.tif"
+FINISH_BLOCK_ROWS = 8  # block rows finished at a time: 256 pixel rows, as the outputs' bands
+
+
+def _finished_rows(plan: FragmentPlan, count: np.ndarray, sums: np.ndarray, b0: int):
+    """``stitch.finalize`` of ``sums`` (block rows from ``b0``), a few block rows at a time."""
+    h = plan.shape[0]
+    for c in range(0, len(sums) // BLOCK, FINISH_BLOCK_ROWS):
+        y0, y1 = (b0 + c) * BLOCK, min(h, (b0 + c + FINISH_BLOCK_ROWS) * BLOCK)
+        if y0 >= h:
+            break
+        part = sums[c * BLOCK : (c + FINISH_BLOCK_ROWS) * BLOCK]
+        yield y0, finalize(part, count[b0 + c : b0 + c + FINISH_BLOCK_ROWS], plan.mask[y0:y1])
+
+
+def _model_map_kept(cfg: RunConfig, plan: FragmentPlan, model: str, rows):
+    """--save-model-maps: ``rows`` passed on, each also kept (in memory, or on disk for a large fragment); once
+    they are all through, the model's probability TIFF is written, as the ensemble's is."""
+    kept = Raster(plan.shape, np.float32, _spill(cfg, plan, model))
     try:
-        write_probability_tiff(path, turn_back(finalize(total, count, plan.mask), plan.fragment.rotate))
-    except OSError as e:
-        log.warning("%s: not written (%s)", path, e.strerror or e)
+        for y0, prob in rows:
+            kept.write(y0, prob)  # before the ensemble weights it in place
+            yield y0, prob
+        path = cfg.out / "probabilities" / f"{plan.id}.{model}.tif"
+        angle = plan.fragment.rotate
+        shape = turned_shape(plan.shape, angle)
+        turned = (turned_band(kept.piece, plan.shape, angle, lo, hi) for lo, hi in bands(shape[0], TILE))
+        try:
+            write_probability_tiff(path, shape, turned)
+        except OSError as e:
+            log.warning("%s: not written (%s)", path, e.strerror or e)
+    finally:
+        kept.delete()
 
 
 def _progress(cfg: RunConfig, n_models: int, items) -> RunProgress:

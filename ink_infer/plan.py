@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import config
 from .config import BLOCK, MAX_ROWS_PER_BAND, ModelSpec
 from .fragments import Fragment, load_mask, open_volume
 from .tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
@@ -41,12 +42,14 @@ class Weights:
 
 @dataclass(frozen=True)
 class UnitSettings:
-    """The run's settings that change a unit's bytes: window stride and TTA, device type and model dtype."""
+    """The run's settings that change a unit's bytes: window stride and TTA, device type, model dtype and the
+    resolved ``--compile`` mode."""
 
     stride: int
     tta: str
     device: str
     dtype: str
+    compile: str = "none"
 
 
 @dataclass
@@ -80,22 +83,30 @@ class FragmentPlan:
         return min(self.rows[0], ch), min(self.rows[1] - 1 + tile // BLOCK, ch)
 
 
-def split_rows(plan: FragmentPlan, max_windows: int) -> list[FragmentPlan]:
-    """The fragment as row ranges of about ``max_windows`` windows each (one range when it has no more), cut
-    only at multiples of ``config.MAX_ROWS_PER_BAND`` origin rows (so a range may hold more, when one stripe of
-    that many rows does): a range holds the windows whose origin row falls in it, in the plan's order, each with
-    its own flip op. Since the cuts fall between bands, a range runs the very batches of the single pass, and the
-    fixed-point sums of the ranges (``stitch.SumMap``) add up to the single pass's to the last bit.
+def split_rows(plan: FragmentPlan, max_windows: int, *, max_pixels: int | None = None) -> list[FragmentPlan]:
+    """The fragment as row ranges of about ``max_windows`` windows and at most about ``max_pixels`` pixels each
+    (``config.LARGE_PIXELS`` by default; one range when it has no more), cut only at multiples of ``config.MAX_ROWS_PER_BAND`` origin rows (so a
+    range may hold more, when one stripe of that many rows does): a range holds the windows whose origin row
+    falls in it, in the plan's order, each with its own flip op. Since the cuts fall between bands, a range runs
+    the very batches of the single pass, and the fixed-point sums of the ranges (``stitch.SumMap``) add up to
+    the single pass's to the last bit. The pixel bound keeps a unit's sum map (8 bytes a pixel) small on a wide
+    segment read at a coarse stride, where few windows cover a large area.
 
-    Depends on the fragment and ``max_windows`` only, never on how many devices run it."""
+    Depends on the fragment and the bounds only, never on how many devices run it."""
     n = len(plan.origins)
-    if n <= max_windows:
+    h, w = plan.shape
+    max_pixels = config.LARGE_PIXELS if max_pixels is None else max_pixels
+    if n <= max_windows and h * w <= max_pixels:
         return [plan]
+    stripe_px = MAX_ROWS_PER_BAND * BLOCK * w  # pixels of one stripe of origin rows
+    max_rows = max(1, max_pixels // stripe_px) * MAX_ROWS_PER_BAND
     rows, per_row = np.unique(plan.origins[:, 0] // MAX_ROWS_PER_BAND, return_counts=True)  # stripes
     rows = rows * MAX_ROWS_PER_BAND
+    if len(rows) == 0:
+        return [plan]
     cuts, load = [int(rows[0])], 0
     for r, k in zip(rows.tolist(), per_row.tolist(), strict=True):
-        if load and load + k > max_windows:
+        if load and (load + k > max_windows or r + MAX_ROWS_PER_BAND - cuts[-1] > max_rows):
             cuts.append(r)
             load = 0
         load += k

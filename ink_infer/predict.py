@@ -237,6 +237,7 @@ def predict_fragment(
     row_blocks: tuple[int, int] | None = None,
     timed: bool = False,
     on_batch: Callable[[PredictStats], None] | None = None,
+    fixed_batch: bool = False,
 ) -> tuple[np.ndarray, PredictStats]:
     """Sum of window probabilities over the fragment's cover grid (``tiling.cover_grid``: the partial blocks of the
     remainder rows and columns included), ``(ch * 32, cw * 32)`` int64 fixed point (``stitch.FIXED_SCALE``) on
@@ -249,7 +250,8 @@ def predict_fragment(
     ``plan.FragmentPlan.block_rows``; every window must lie inside them); the map is then ``((hi - lo) * 32,
     cw * 32)``. ``timed`` (dry runs): every batch is synchronised and its time per window recorded
     (``stats.batch_ms_per_window``): the windows it cut, ran and stitched, not the band reads and uploads a full
-    pass shares among many more windows than a sample does.
+    pass shares among many more windows than a sample does. ``fixed_batch``: every batch padded to the batch size
+    (a compiled model: one shape, one compile); on CUDA they always are (cudnn.benchmark picks kernels once).
     """
     stats = PredictStats(batch_size=batch_size, batch_ms_per_window=[] if timed else None)
     t_start = time.perf_counter()
@@ -261,7 +263,9 @@ def predict_fragment(
     lo, hi = row_blocks if row_blocks is not None else (0, ch)
     acc = SumMap((hi - lo, cw), pad=tile, device=device)
     y_shift = lo * BLOCK  # the map's first row
-    runner = _Runner(model, dtype=dtype, batch_size=batch_size, pad=device.type == "cuda", stats=stats)
+    runner = _Runner(
+        model, dtype=dtype, batch_size=batch_size, pad=device.type == "cuda" or fixed_batch, stats=stats
+    )
     on_cuda = device.type == "cuda"
     if rows_per_band is None:
         budget = BAND_BYTES_CUDA if on_cuda else BAND_BYTES_CPU

@@ -37,18 +37,24 @@ def prepare_out(out: Path) -> None:
 
 
 def check_free_space(
-    out: Path, partials_dir: Path, plans: Sequence[FragmentPlan], manifest: Manifest, *, dry_run: bool
-) -> dict:
+    out: Path, partials_dir: Path, plans: Sequence[FragmentPlan], manifest: Manifest, *, dry_run: bool,
+    model_maps: bool = False,
+) -> dict:  # fmt: skip
     """Free space under ``out`` against what the run will write, before any compute.
 
     Partials: the covered 32 x 32 blocks of every (model, fragment) as float32 (files already there are replaced,
-    so their size counts as free); outputs: ``OUTPUT_BYTES_PER_FRAGMENT``. Too little for the outputs is refused;
-    too little for the partials is a warning (they are what a rerun resumes from, not the result). Returns the
-    figures for report.json."""
+    so their size counts as free); outputs: ``OUTPUT_BYTES_PER_FRAGMENT``; spilled maps: a large fragment's
+    ensemble map as float32 (``raster.is_large``), beside the partials, and with ``model_maps`` one model's map
+    more. Too little for the outputs or the spilled maps is refused; too little for the partials is a warning
+    (they are what a rerun resumes from, not the result). Returns the figures for report.json."""
+    from .raster import is_large
+
     free = shutil.disk_usage(out).free
     # the partials may live elsewhere (--partials): their own file system's room is what bounds them
     partials_free = shutil.disk_usage(_existing(partials_dir)).free
     partials = 0
+    large = [p.shape[0] * p.shape[1] * 4 for p in plans if is_large(p.shape)] if not dry_run else []
+    spilled = sum(large) + (max(large, default=0) if model_maps else 0)
     if not dry_run:
         for spec in manifest.models:
             for p in plans:
@@ -65,12 +71,23 @@ def check_free_space(
         )
     same_fs = _existing(partials_dir).stat().st_dev == out.stat().st_dev
     room = free - outputs if same_fs else partials_free
-    if room < partials:
+    if room < spilled:
+        raise UserError(
+            f"{_existing(partials_dir)}: {room / mb:.0f} MB free, the large fragments' maps kept there during the "
+            f"run need {spilled / mb:.0f} MB (and the partials {partials / mb:.0f} MB): free some space or "
+            "choose another --partials"
+        )
+    if room - spilled < partials:
         log.warning(
             "%s: %.0f MB free, the partials need about %.0f MB: results that cannot be saved are not kept for a "
-            "rerun (the submission is unaffected)", partials_dir, room / mb, partials / mb,
+            "rerun (the submission is unaffected)", partials_dir, (room - spilled) / mb, partials / mb,
         )  # fmt: skip
-    return {"free_bytes": free, "partials_bytes": partials, "outputs_bytes": outputs}
+    return {
+        "free_bytes": free,
+        "partials_bytes": partials,
+        "outputs_bytes": outputs,
+        "spilled_maps_bytes": spilled,
+    }
 
 
 def _existing(path: Path) -> Path:

@@ -107,6 +107,50 @@ def preview_layout(shape: tuple[int, int]) -> PreviewLayout:
     )
 
 
+class PreviewAccumulator:
+    """The preview's panels built from the fragment's rows as they come, so a segment that is never whole in
+    memory still gets its picture (``outputs.py``): every band's pixels are summed into cells of ``factor`` x
+    ``factor`` pixels (the largest whole shrink that stays at or above the panel's size), whose means are then
+    resized to the panel as a whole image would be."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self.layout = preview_layout(shape)
+        self.factor = max(1, int(1 / self.layout.scale)) if self.layout.scale < 1 else 1
+        f, (h, w) = self.factor, shape
+        self.cells = (-(-h // f), -(-w // f))
+        self.sums = np.zeros((3, *self.cells), np.float64)  # in-mask probability, mask, ink
+        self.row = 0
+        self.ink_pixels = self.mask_pixels = 0
+
+    def add(self, prob: np.ndarray, ink: np.ndarray, mask: np.ndarray) -> None:
+        """The next rows (in order): ``(r, W)`` float32 probabilities, bool ink, bool mask."""
+        r, w = mask.shape
+        f, cw = self.factor, self.cells[1]
+        self.ink_pixels += int(np.count_nonzero(ink))
+        self.mask_pixels += int(np.count_nonzero(mask))
+        cell_rows = (self.row + np.arange(r)) // f
+        starts = np.flatnonzero(np.diff(cell_rows, prepend=-1))
+        for i, values in enumerate((np.where(mask, prob, 0), mask, ink)):
+            padded = np.zeros((r, cw * f), np.float64)
+            padded[:, :w] = values
+            per_row = padded.reshape(r, cw, f).sum(axis=2)
+            self.sums[i, cell_rows[starts]] += np.add.reduceat(per_row, starts, axis=0)
+        self.row += r
+
+    def panels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Panel-sized ``(mean in-mask probability, ink share of the mask, mask coverage)``, float32."""
+        (h, w), f = self.shape, self.factor
+        area = np.outer(
+            np.minimum(f, h - np.arange(self.cells[0]) * f), np.minimum(f, w - np.arange(self.cells[1]) * f)
+        )
+        y0, y1, x0, x1 = self.layout.prob_panel
+        size = (x1 - x0, y1 - y0)
+        prob, mask, ink = (_resize((s / area).astype(np.float32), size) for s in self.sums)
+        in_mask_share = np.maximum(mask, 1 / 255)
+        return prob / in_mask_share, ink / in_mask_share, mask
+
+
 def write_preview(
     path: Path,
     prob: np.ndarray,
@@ -121,16 +165,20 @@ def write_preview(
     prob: ``(H, W)`` float32 in [0, 1]; ink, mask: ``(H, W)`` bool; threshold: the probability ``ink`` was cut
     at (None: none, e.g. an empty region). Panels are ``preview_layout(prob.shape)``.
     """
-    layout = preview_layout(prob.shape)
-    y0, y1, x0, x1 = layout.prob_panel
-    size = (x1 - x0, y1 - y0)
-    # the share of each panel pixel that is in the mask; the panels show means over the in-mask part only, so a
-    # pixel on the mask's edge is not darkened by the zeros outside
-    coverage = _resize(_as_uint8(mask), size).astype(np.float32) / 255
+    acc = PreviewAccumulator(prob.shape)
+    acc.add(prob, ink, mask)
+    write_accumulated_preview(path, acc, fragment_id=fragment_id, threshold=threshold)
+
+
+def write_accumulated_preview(
+    path: Path, acc: PreviewAccumulator, *, fragment_id: str = "", threshold: float | None = None
+) -> None:
+    """``write_preview`` of the rows ``acc`` was given."""
+    layout = acc.layout
+    # the panels show means over the in-mask part of each panel pixel only, so a pixel on the mask's edge is not
+    # darkened by the zeros outside
+    mean_prob, ink_share, coverage = acc.panels()
     inside = coverage >= 0.5
-    in_mask_share = np.maximum(coverage, 1 / 255)
-    mean_prob = _resize(np.where(mask, prob, 0).astype(np.float32, copy=False), size) / in_mask_share
-    ink_share = _resize(_as_uint8(ink), size).astype(np.float32) / 255 / in_mask_share
     outline = _outline(inside)
     panels = []
     for values in (mean_prob, ink_share):
@@ -140,7 +188,10 @@ def write_preview(
         panels.append(panel)
 
     thr_text = "n/a" if threshold is None else f"{threshold:.3f}"
-    header_lines = [_size_line(fragment_id, prob.shape, layout.scale), _ink_line(thr_text, ink, mask)]
+    header_lines = [
+        _size_line(fragment_id, acc.shape, layout.scale),
+        _ink_line(thr_text, acc.ink_pixels, acc.mask_pixels),
+    ]
     width = max(layout.width, _header_width(header_lines))
     img = np.full((layout.height, width, 3), CANVAS_BACKGROUND, np.uint8)
     img[:HEADER_HEIGHT] = _header(width, header_lines)
@@ -199,9 +250,8 @@ def _size_line(fragment_id: str, shape: tuple[int, int], scale: float) -> str:
     return f"fragment {fragment_id}   {size}" if fragment_id else size
 
 
-def _ink_line(thr_text: str, ink: np.ndarray, mask: np.ndarray) -> str:
-    in_mask = int(mask.sum())
-    share = f"{100 * int(ink.sum()) / in_mask:.2f} % of the mask" if in_mask else "n/a (empty mask)"
+def _ink_line(thr_text: str, ink_pixels: int, in_mask: int) -> str:
+    share = f"{100 * ink_pixels / in_mask:.2f} % of the mask" if in_mask else "n/a (empty mask)"
     return f"threshold {thr_text}   ink {share}"
 
 
@@ -210,11 +260,6 @@ def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     fragment shows its pixels, not a blur)."""
     shrinking = size[0] * size[1] < a.shape[0] * a.shape[1]
     return cv2.resize(a, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_NEAREST)
-
-
-def _as_uint8(flags: np.ndarray) -> np.ndarray:
-    """Bool -> 0 / 255 in one byte a pixel (area means of it are then shares in 1/255)."""
-    return np.where(flags, np.uint8(255), np.uint8(0))
 
 
 def _viridis(values: np.ndarray) -> np.ndarray:

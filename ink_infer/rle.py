@@ -1,8 +1,8 @@
 """Run-length encoding of the submission, and writing submission.csv atomically.
 
-Pixels are numbered row-major (left to right, then top to bottom) from 1; runs are ``start length`` pairs. The
-encoder pads the flat mask with a zero on both sides, so runs touching the first or the last pixel are kept (the
-host's tutorial encoder dropped them).
+Pixels are numbered row-major (left to right, then top to bottom) from 1; runs are ``start length`` pairs. Runs
+touching the first or the last pixel are kept (the host's tutorial encoder dropped them). ``RleEncoder`` takes the
+mask band by band (a scroll segment's mask is built by bands, ``outputs.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,41 @@ import numpy as np
 from .atomic import atomic_write_text
 
 
+class RleEncoder:
+    """``rle_encode`` fed band by band (rows in order): a run crossing bands (or rows) is one run."""
+
+    def __init__(self) -> None:
+        self._starts: list[np.ndarray] = []
+        self._ends: list[np.ndarray] = []
+        self._offset = 0  # pixels before the next band
+        self._last = 0  # the last pixel fed (0 before the first)
+
+    def add(self, band: np.ndarray) -> None:
+        """The next rows of the mask, ``(rows, W)`` bool/0-1."""
+        flat = np.asarray(band, dtype=np.uint8).ravel()
+        if not flat.size:
+            return
+        edges = np.diff(flat, prepend=np.uint8(self._last)).view(np.int8)  # +1 a run starts, -1 one ends
+        where = np.nonzero(edges)[0]
+        kind = edges[where]
+        self._starts.append(where[kind == 1] + self._offset + 1)  # 1-indexed
+        self._ends.append(where[kind == -1] + self._offset + 1)  # one past the run, 1-indexed
+        self._offset += flat.size
+        self._last = int(flat[-1])
+
+    def text(self) -> str:
+        """``"start length ..."`` of everything fed (a run still open ends at the last pixel)."""
+        starts = np.concatenate([np.zeros(0, np.int64), *self._starts])
+        ends = np.concatenate([np.zeros(0, np.int64), *self._ends, [self._offset + 1] if self._last else []])
+        ends = ends.astype(np.int64)
+        return " ".join(f"{s} {n}" for s, n in zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+
+
 def rle_encode(mask: np.ndarray) -> str:
     """``(H, W)`` bool/0-1 mask -> ``"start length start length ..."`` (1-indexed, row-major); ``""`` if empty."""
-    flat = np.concatenate([[0], np.asarray(mask, dtype=np.uint8).ravel(), [0]])
-    changes = np.nonzero(flat[1:] != flat[:-1])[0] + 1  # 1-indexed positions where a run starts or ends
-    starts, ends = changes[::2], changes[1::2]
-    return " ".join(f"{s} {n}" for s, n in zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+    encoder = RleEncoder()
+    encoder.add(mask)
+    return encoder.text()
 
 
 def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:

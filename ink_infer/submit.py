@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels the quantile is taken over: covered (mask pixels some window reached; the "
                         "reference) or mask (every mask pixel) (default: the manifest's, covered)")  # fmt: skip
     number_in("--batch-size", None, "windows per forward pass (default: the largest that fits, measured)")
+    g.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "auto"],
+                   help="torch.compile each model on the fixed batch shape: default or max-autotune (inductor), "
+                        "auto (default on CUDA when Triton and a C compiler are present, else none), or none "
+                        "(eager). Outputs differ from eager by float rounding")  # fmt: skip
     g.add_argument("--layers", default=None, metavar="START:STOP",
                    help="scroll segments: the 65 layers of a longer stack the models read (default: the middle "
                         "65)")  # fmt: skip
@@ -247,7 +251,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     absolute = lambda p: None if p is None else Path(p).absolute()  # noqa: E731
     return RunConfig(
         data=absolute(data), out=absolute(args.out), manifest=absolute(manifest), weights=absolute(weights),
-        device=args.device, stride=args.stride, tta=args.tta, threshold=threshold, dry_run=args.dry_run,
+        device=args.device, stride=args.stride, tta=args.tta, compile=args.compile, threshold=threshold, dry_run=args.dry_run,
         max_windows=args.max_windows, scale_to=tuple(parse_size(s) for s in args.scale_to),
         allow_random_weights=allow_random, batch_size=args.batch_size,
         budget=Budget(args.budget_hours, args.host_mem_gb, args.gpu_mem_gb), quiet=args.quiet,

@@ -1,5 +1,10 @@
-"""Per-model device tuning before a run: batch size from a measured memory footprint, channels_last only where
-measured faster, and the time per window that the budget check projects from.
+"""Per-model device tuning before a run: batch size from a measured memory footprint, the memory format and the
+attention kernel only where measured faster, and the time per window that the budget check projects from.
+
+Memory format: channels_last for a 2.5D model's 2D encoder; channels_last_3d for an irCSN, whose depthwise 5-D
+convolutions PyTorch sends to cuDNN only in that layout (in the default layout they run on a native kernel).
+Attention: a SwinV2 encoder's window attention through ``scaled_dot_product_attention`` or as timm computes it
+(``models.swin_attention``; its position bias is frozen either way).
 
 Only on CUDA; on the CPU the batch size is fixed (small batches are as fast there) and nothing is probed.
 """
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelSpec
+from .models.swin_attention import freeze_window_bias
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +34,17 @@ CHANNELS_LAST_GAIN = 0.05  # adopt channels_last only when at least 5 % faster
 @dataclass(frozen=True)
 class Tuning:
     batch_size: int
-    channels_last: bool = False
+    channels_last: bool = False  # channels_last (2.5D encoder) or channels_last_3d (irCSN)
     s_per_window: float | None = None  # measured forward time per window at that batch size
     bytes_per_window: float | None = None
     bytes_fixed: float | None = None
+    fused_attention: bool | None = None  # SwinV2 only: attention through scaled_dot_product_attention
 
     def as_dict(self) -> dict:
         return {
             "batch_size": self.batch_size,
             "channels_last": self.channels_last,
+            "fused_attention": self.fused_attention,
             "ms_per_window_probe": None if self.s_per_window is None else self.s_per_window * 1000,
             "mib_per_window": None if self.bytes_per_window is None else self.bytes_per_window / 2**20,
         }
@@ -66,11 +74,12 @@ def tune(
         batch = max(1, batch // 2)  # the footprint underestimated this model: one halving, as in the run
         torch.cuda.empty_cache()
         channels_last, s_per_window = _pick_memory_format(model, spec, batch, device=device, dtype=dtype)
+    fused, s_per_window = _pick_attention(model, spec, batch, s_per_window, device=device, dtype=dtype)
     log.info(
-        "%s: %.0f MiB per window, batch %d, channels_last %s, %.2f ms/window",
-        spec.name, per_window / 2**20, batch, channels_last, s_per_window * 1000,
+        "%s: %.0f MiB per window, batch %d, channels_last %s, fused attention %s, %.2f ms/window",
+        spec.name, per_window / 2**20, batch, channels_last, fused, s_per_window * 1000,
     )  # fmt: skip
-    return Tuning(batch, channels_last, s_per_window, per_window, fixed)
+    return Tuning(batch, channels_last, s_per_window, per_window, fixed, fused)
 
 
 def _example(spec: ModelSpec, n: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -109,15 +118,49 @@ def _time_forward(model: torch.nn.Module, x: torch.Tensor, *, reps: int = 3) -> 
 def _pick_memory_format(
     model: torch.nn.Module, spec: ModelSpec, batch: int, *, device: torch.device, dtype: torch.dtype
 ) -> tuple[bool, float]:
-    """Time the 2D encoder's batches in both memory formats; keep channels_last only if measurably faster."""
+    """Time the model's batches in both memory formats (the 2D encoder's channels_last, or the whole irCSN's
+    channels_last_3d); keep the other format only if measurably faster."""
     x = _example(spec, batch, device=device, dtype=dtype)
     base = _time_forward(model, x)
-    encoder = getattr(model, "encoder", None)
-    if spec.arch != "2.5d" or encoder is None:
+    if spec.arch == "2.5d":
+        target, fmt = getattr(model, "encoder", None), torch.channels_last
+    else:
+        target, fmt = model, torch.channels_last_3d
+    if target is None:
         return False, base
-    encoder.to(memory_format=torch.channels_last)
+    set_memory_format(target, fmt)
     fast = _time_forward(model, x)
     if fast < base * (1 - CHANNELS_LAST_GAIN):
         return True, fast
-    encoder.to(memory_format=torch.contiguous_format)
+    set_memory_format(target, torch.contiguous_format)
+    return False, base
+
+
+def set_memory_format(module: torch.nn.Module, fmt: torch.memory_format) -> None:
+    """Parameters and buffers of ``module`` in ``fmt``: channels_last for the 4-D ones, channels_last_3d for the
+    5-D ones (an irCSN also holds 4-D and 1-D tensors, which ``Module.to`` would refuse to convert), contiguous
+    for all."""
+    rank = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(fmt)
+    for t in [*module.parameters(), *module.buffers()]:
+        if rank is None and t.dim() in (4, 5) or t.dim() == rank:
+            t.data = t.data.contiguous(memory_format=fmt)
+
+
+def _pick_attention(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    batch: int,
+    base: float,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[bool | None, float]:
+    """SwinV2: time the fused attention against timm's (``base``, already measured); keep the faster. None for a
+    model without window attention."""
+    if not freeze_window_bias(model, fused=True):
+        return None, base
+    fast = _time_forward(model, _example(spec, batch, device=device, dtype=dtype))
+    if fast < base * (1 - CHANNELS_LAST_GAIN):
+        return True, fast
+    freeze_window_bias(model, fused=False)
     return False, base

@@ -254,3 +254,67 @@ def test_rotate_without_room_for_the_turned_slices_is_one_line(
     out = tmp_path / "out"
     assert run_cli(frag, out, manifest, "--rotate", "90") == 2
     assert "--rotate needs" in one_error_line(capsys) and not (out / "submission.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def tall(tmp_path_factory) -> Path:
+    """Fragment ``t`` (700 rows: two stripes of windows, so two row ranges once it counts as large) and ``s``."""
+    from ink_infer.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("tall"), test=[("t", 700, 160), ("s", 150, 160)], seed=9)
+
+
+@pytest.mark.parametrize("angle", [0, 90])
+def test_a_large_fragment_spills_to_disk_and_gives_the_bytes_of_memory(
+    tall, manifest, tmp_path, standins, monkeypatch, angle
+):
+    """A fragment past ``config.LARGE_PIXELS`` runs as row ranges bounded in area, its units' sums go through
+    the partials and its ensemble map lives in a file read by bands: submission, probability TIFFs (ensemble and
+    per model), ink PNG and preview are those of the same run held in memory, turned back or not, and the
+    spilled maps are gone afterwards."""
+    import cv2
+
+    from ink_infer import config, partials
+    from ink_infer.raster import Raster
+
+    extra = ("--save-probabilities", "--save-model-maps", "--rotate", str(angle), "--unit-windows", "100000")
+    assert run_cli(tall, tmp_path / "memory", manifest, *extra) == 0
+    spilled, loads = [], []
+    real_add, real_load = Raster.add, partials.PartialStore.load
+
+    def add(self, y0, values):
+        spilled.append(self.on_disk)
+        real_add(self, y0, values)
+
+    def load(self, unit):
+        loads.append(unit.fragment.id)
+        return real_load(self, unit)
+
+    monkeypatch.setattr(Raster, "add", add)
+    monkeypatch.setattr(partials.PartialStore, "load", load)
+    monkeypatch.setattr(config, "LARGE_PIXELS", 50_000)  # t (112,000 px) is large, s (24,000 px) is not
+    out = tmp_path / "disk"
+    assert run_cli(tall, out, manifest, *extra, "--fresh") == 0
+    report = report_of(out)
+    units = list(report["models"][0]["fragments"])
+    # split by area alone (--unit-windows is far off): t's two stripes of window rows, or turned, its one
+    ranges = ["t@0-16", "t@16-32"] if angle == 0 else ["t@0-16"]
+    assert units == [*ranges, "s"], units
+    assert any(spilled) and not all(spilled)  # t's map on disk, s's in memory
+    assert sorted(set(loads)) == ranges  # t's sums read back from its partials to be merged
+    assert report["disk"]["spilled_maps_bytes"] == 2 * 700 * 160 * 4  # the ensemble's and one model's map
+    assert not list((out / "partials").glob("maps.*"))
+    assert (out / "submission.csv").read_bytes() == (tmp_path / "memory" / "submission.csv").read_bytes()
+    tiffs = sorted(p.name for p in (out / "probabilities").iterdir())
+    assert len(tiffs) == 2 * 3  # per fragment: the ensemble's and two models'
+    for name in tiffs:
+        np.testing.assert_array_equal(
+            tifffile.imread(out / "probabilities" / name),
+            tifffile.imread(tmp_path / "memory" / "probabilities" / name),
+        )
+    for name in ("masks/t.png", "previews/t.png"):
+        np.testing.assert_array_equal(
+            cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED),
+            cv2.imread(str(tmp_path / "memory" / name), cv2.IMREAD_UNCHANGED),
+        )
+    assert cv2.imread(str(out / "masks" / "t.png"), cv2.IMREAD_UNCHANGED).shape == (700, 160)  # as stored
