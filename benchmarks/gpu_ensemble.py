@@ -217,8 +217,8 @@ def main() -> None:
             ("compile_s", "compile s", ".0f"), ("compiled_wps", "compiled win/s", ".0f"),
             ("compiled_tflops", "TFLOP/s", ".1f"), ("compiled_pct", "% peak", ".1f"),
             ("max_logit_diff", "max |diff|", ".1e"), ("note", "note", "s")]  # fmt: skip
-    print(format_table([{k: ("-" if v is None else v) if k in ("note",) else v for k, v in r.items()} for r in rows],
-                       cols))  # fmt: skip
+    printable = [{k: str(v) if isinstance(v, bool) else v for k, v in r.items()} for r in rows]
+    print(format_table(printable, cols))
     ensemble = project_ensemble(rows, specs, windows)
     summary = {"configs": rows, "ensemble": ensemble, "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}  # fmt: skip

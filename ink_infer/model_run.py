@@ -333,8 +333,10 @@ def _run_unit(
         if progress is not None:
             progress.update(done.windows + stats.windows, done.seconds + stats.seconds)
         if eta is not None:
+            # the first slab is a tile's height of rows, the later ones a stride's: on a wide segment its read
+            # and preparation alone would project hours for the few warm-up batches they are spread over
             eta.after_batch(
-                batches=stats.batches, windows=stats.windows, seconds=stats.seconds,
+                batches=stats.batches, windows=stats.windows, seconds=stats.seconds - stats.setup_s,
                 windows_left=windows_left - stats.windows,
             )  # fmt: skip
 

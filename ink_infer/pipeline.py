@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from .budget import EtaMonitor, project, verdicts
 from .compiling import resolve_mode, use_cache_under
@@ -132,7 +133,8 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
         raise UserError(
             "under torchrun each rank is one part: use it without --devices, --num-parts, --merge-only"
         )
-    runtime = start_runtime(_own_device(cfg, devices, rank), gpu_mem_gb=cfg.budget.gpu_mem_gb)
+    large = any(is_large(p.shape) for p in plans)
+    runtime = start_runtime(_own_device(cfg, devices, rank), gpu_mem_gb=cfg.budget.gpu_mem_gb, large=large)
     compile_mode, compile_why = resolve_mode(cfg.compile, runtime.device)
     if compile_mode != "none":
         use_cache_under(cfg.out)
@@ -314,8 +316,9 @@ def _join_group(cfg: RunConfig, rank):
 
 
 def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, *, fresh: bool) -> Elsewhere:
-    """One spawned worker per device computes its share; what a dead worker lost is computed here afterwards
-    (reassigned once); a worker's user, model (``--on-model-error fail``) or device error ends the run."""
+    """One worker per device computes its share: this process the first device's, one spawned process each
+    other's. What a dead worker lost is computed here afterwards (reassigned once); a worker's user, model
+    (``--on-model-error fail``) or device error ends the run."""
     labels = [f"worker {j} ({d})" for j, d in enumerate(devices)]
     shares = plan_shares(models, items, devices, labels)
     deadline = EtaMonitor.for_budget(cfg.budget, t0).deadline
@@ -327,7 +330,22 @@ def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, 
                   worker_threads(devices), cfg.quiet, cfg.progress_every)
         for share in shares
     ]  # fmt: skip
-    parts = run_workers(jobs, stop)
+    options = model_options(cfg, runtime, fresh=fresh)
+
+    def here() -> PartReport:  # the first device's share, in this process, one thread per core as the others
+        threads, before = worker_threads(devices), torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            return compute_share(
+                shares[0], options, runtime, stop=stop, store=PartialStore(cfg.partials_dir, _settings(cfg, runtime)),
+                eta=EtaMonitor(deadline), out=cfg.out,
+                progress=share_progress(shares[0], every=cfg.progress_every, quiet=cfg.quiet),
+            )  # fmt: skip
+        finally:
+            torch.set_num_threads(before)
+
+    parts = run_workers(jobs, stop, here=here)
     report.parts = parts
     stop.check()
     errors = {"user": UserError, "model": ModelRunError, "device": DeviceError, "internal": ModelRunError}

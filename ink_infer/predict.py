@@ -53,6 +53,10 @@ class PredictStats:
     oom_retries: int = 0
     batches: int = 0
     first_batch_s: float = 0.0  # wall time of the first batch (warm-up: cudnn autotuning, allocator growth)
+    setup_s: float = (
+        0.0  # from the start to the first batch: the first slab (a tile's height of rows) read and
+    )
+    # prepared, once per pass, where every later slab is a stride's height
     batch_ms_per_window: list[float] | None = None  # timed passes (dry runs): each batch's ms per window
 
 
@@ -84,7 +88,9 @@ def unit_fp16(raw_bits: torch.Tensor, width: int | None = None, *, z_chunk: int 
     nz, r, w = raw_bits.shape
     out = torch.zeros((nz, r, width or w), dtype=torch.float16, device=raw_bits.device)
     if raw_bits.device.type == "cpu":
-        out.numpy()[..., :w] = UNIT_FP16[raw_bits.numpy().view(np.uint16)]
+        bits, dst = raw_bits.numpy().view(np.uint16), out.numpy()
+        for z in range(nz):  # one slice at a time: numpy indexes through an int64 copy of the indices
+            dst[z, :, :w] = UNIT_FP16[bits[z]]
         return out
     table = _unit_table(raw_bits.device)
     for z0 in range(0, nz, z_chunk):  # int32 indices a few slices at a time: bounded temporaries
@@ -291,6 +297,8 @@ def predict_fragment(
         held_y0 = band_y0
         for idx in np.array_split(read.band.index, -(-len(read.band.index) // runner.batch_size)):
             t_batch = time.perf_counter()
+            if not stats.batches:
+                stats.setup_s = t_batch - t_start
             rows = (origins[idx, 0] - read.band.row0) * BLOCK + off
             cols = origins[idx, 1] * BLOCK + off
             probs = _predict_windows(
@@ -330,7 +338,7 @@ def _to_device(
     """
     keep = torch.from_numpy(keep_pixels(touched, rows, width_p))
     if stream is None:
-        slab = host * keep[:, : host.shape[-1]]  # a new tensor: the host buffer goes back to the reader
+        slab = host.mul_(keep[:, : host.shape[-1]])  # in the reader's buffer: it is read anew after release
     else:
         with torch.cuda.stream(stream):
             slab = host.to(device, non_blocking=True)

@@ -114,7 +114,7 @@ class PartReport:
     models: list[ModelResult] = field(default_factory=list)
     seconds: float = 0.0
     host_peak_gib: float = 0.0
-    exitcode: int | None = None
+    exitcode: int | None = None  # a spawned worker's; None for a share computed by the run's own process
     lost: list[list[str]] = field(default_factory=list)
 
     @classmethod

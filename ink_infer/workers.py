@@ -1,5 +1,6 @@
 """Many devices, many processes: the units of a run shared out (``plan_shares``), one share computed by one process
-(``compute_share``), and the spawned worker processes of ``--devices`` (``run_workers``).
+(``compute_share``), and the worker processes of ``--devices`` (``run_workers``: the first device's share
+computed by the parent itself, one spawned process for each other device).
 
 Every executor computes units and saves them as partials, and nothing else: the outputs are always built by one
 process afterwards, from the partials, summing the model maps in manifest order and the row ranges in row order
@@ -18,7 +19,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .model_run import ModelRunOptions, RunEnded, run_model
 from .partials import PartialStore
 from .plan import FragmentPlan, UnitSettings, Weights, assign, unit_cost
 from .progress import RunProgress
+from .raster import is_large
 from .results import ModelResult, PartReport, json_text
 from .rotation import with_rotation
 from .segments import LayerChoice
@@ -244,7 +246,8 @@ def worker_main(job: WorkerJob) -> None:
     with StopRequest() as stop:
         try:
             share = job.share()
-            runtime = start_runtime(job.device, gpu_mem_gb=job.gpu_mem_gb)
+            large = any(is_large(item.shape) for _, _, items in share.models for item in items)
+            runtime = start_runtime(job.device, gpu_mem_gb=job.gpu_mem_gb, large=large)
             compute_share(
                 share, job.options, runtime, stop=stop, store=PartialStore(job.partials, job.settings),
                 eta=None if job.deadline is None else EtaMonitor(job.deadline), out=job.out,
@@ -259,41 +262,66 @@ def worker_main(job: WorkerJob) -> None:
     sys.exit(code)
 
 
-def run_workers(jobs: Sequence[WorkerJob], stop: StopRequest) -> list[PartReport]:
+def run_workers(
+    jobs: Sequence[WorkerJob], stop: StopRequest, *, here: Callable[[], PartReport] | None = None
+) -> list[PartReport]:
     """Start one spawned process per job, wait for all, and return their part reports (``exitcode`` and
-    ``lost`` filled in). A stop request is passed on to every worker (SIGTERM: they stop after their batch)."""
+    ``lost`` filled in). A stop request is passed on to every worker (SIGTERM: they stop after their batch).
+
+    ``here``: computes the first job's share in this process meanwhile (the parent is the first device's worker:
+    one interpreter, one torch import and one CUDA context fewer); what it raises stops the others, and is
+    raised once they have ended."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: its own CUDA context
     for job in jobs:
         part_path(job.out, job.label).unlink(
             missing_ok=True
         )  # a part report of an earlier run is not this one's
-    procs = [ctx.Process(target=worker_main, args=(job,), name=job.label) for job in jobs]
+    spawned = list(jobs[1:] if here is not None else jobs)
+    procs = [ctx.Process(target=worker_main, args=(job,), name=job.label) for job in spawned]
     for p in procs:
         p.start()
+    own = []
+    try:
+        if here is not None:
+            own.append(here())
+    except BaseException:
+        _signal_all(procs)
+        _wait(procs, stop)
+        raise
+    _wait(procs, stop)
+    return own + [_reported(job, p) for job, p in zip(spawned, procs, strict=True)]
+
+
+def _signal_all(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+
+
+def _wait(procs, stop: StopRequest) -> None:
     forwarded = False
     try:
         while any(p.is_alive() for p in procs):
             if stop.signum is not None and not forwarded:
-                for p in procs:
-                    if p.is_alive():
-                        os.kill(p.pid, signal.SIGTERM)
+                _signal_all(procs)
                 forwarded = True
             time.sleep(POLL_S)
     finally:
         for p in procs:
             p.join()
-    reports = []
-    for job, p in zip(jobs, procs, strict=True):
-        parts = [r for r in read_parts(job.out) if r.label == job.label]
-        report = parts[0] if parts else PartReport(job.label, job.device)  # died before its first word
-        report.exitcode = p.exitcode
-        done = {(m.name, f) for m in report.models if m.status == "ok" for f in m.fragments}
-        report.lost = [u for u in job.units if tuple(u) not in done]
-        if p.exitcode and report.status in ("running", "ok"):  # it died without a word: killed, or crashed
-            why = signal_name(-p.exitcode) if p.exitcode < 0 else f"exit code {p.exitcode}"
-            report.status, report.error, report.error_kind = "failed", f"the worker died ({why})", "died"
-        reports.append(report)
-    return reports
+
+
+def _reported(job: WorkerJob, p) -> PartReport:
+    """A finished worker's part report, with its exit code and the units it did not finish."""
+    parts = [r for r in read_parts(job.out) if r.label == job.label]
+    report = parts[0] if parts else PartReport(job.label, job.device)  # died before its first word
+    report.exitcode = p.exitcode
+    done = {(m.name, f) for m in report.models if m.status == "ok" for f in m.fragments}
+    report.lost = [u for u in job.units if tuple(u) not in done]
+    if p.exitcode and report.status in ("running", "ok"):  # it died without a word: killed, or crashed
+        why = signal_name(-p.exitcode) if p.exitcode < 0 else f"exit code {p.exitcode}"
+        report.status, report.error, report.error_kind = "failed", f"the worker died ({why})", "died"
+    return report
 
 
 def worker_threads(devices: Sequence[str]) -> int | None:

@@ -118,7 +118,9 @@ def test_two_cpu_workers_give_the_single_process_bytes(frags, three_models, sing
     assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
     report = report_of(out)
     assert [p["label"] for p in report["parts"]] == ["worker 0 (cpu)", "worker 1 (cpu)"]
-    assert all(p["status"] == "ok" and p["exitcode"] == 0 and p["models"] for p in report["parts"])
+    assert all(p["status"] == "ok" and p["models"] for p in report["parts"])
+    # worker 0 is this process (no exit code); worker 1 a spawned process that exited cleanly
+    assert [p["exitcode"] for p in report["parts"]] == [None, 0]
     assert report["partials"]["reused"] == []  # computed in this run, by the workers
     assert {f["partial"] for m in report["models"] for f in m["fragments"].values()} == {"saved"}
 
@@ -176,8 +178,9 @@ def test_a_worker_killed_mid_run_is_reported_and_its_units_are_computed_by_the_p
     victim = None
     while victim is None and proc.poll() is None and time.monotonic() < deadline:
         pids = worker_pids(proc.pid)
-        if len(pids) == 2 and list((out / "partials").glob("*.npz")):  # the workers are computing
-            victim = pids[1]
+        # the parent computes the first device's share: the second device's is the one spawned worker
+        if len(pids) == 1 and list((out / "partials").glob("*.npz")):  # the workers are computing
+            victim = pids[0]
             os.kill(victim, signal.SIGKILL)
         time.sleep(0.05)
     assert victim is not None, "the workers never started"
