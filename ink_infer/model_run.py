@@ -55,14 +55,12 @@ class ModelRunOptions:
     max_nonfinite: float = 0.01
     on_model_error: str = "skip"  # skip | fail
     fresh: bool = False  # --fresh: partials are written but never read
-    compile: str = (
-        "none"  # the resolved --compile mode (compiling.resolve_mode): none | default | max-autotune
-    )
+    # the resolved --compile mode (compiling.resolve_mode): none | default | max-autotune
+    compile: str = "none"
 
 
-IN_STORE = (
-    "in the partials"  # in ``ModelRun.sums``: a large fragment's unit, read back from its partial to merge
-)
+# in ``ModelRun.sums``: a large fragment's unit, read back from its partial to be merged
+IN_STORE = "in the partials"
 
 
 @dataclass
@@ -136,10 +134,6 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval()
     freeze_window_bias(model, fused=False)  # SwinV2: its position bias is a constant once the weights are in
     return model, info
-
-
-def unit_spec(units: Sequence[Unit]) -> ModelSpec:
-    return units[0].model
 
 
 def _example_batch(spec: ModelSpec, batch: int, runtime: Runtime) -> torch.Tensor:
@@ -260,13 +254,14 @@ def _compute(
             model, spec, device=runtime.device, dtype=runtime.dtype, gpu_mem_gb=options.gpu_mem_gb,
             requested=options.batch_size,
         )  # fmt: skip
-        model.inner, compile_s, eager_why = compile_model(
-            model.inner, options.compile, _example_batch(unit_spec(todo), tuning.batch_size, runtime)
-        )
-        result.tuning = {**tuning.as_dict(), "compile": options.compile if eager_why is None else "none",
-                         "compile_s": compile_s, "compile_note": eager_why}  # fmt: skip
+        result.tuning = tuning.as_dict()
         if eta is not None and tuning.s_per_window is not None:
             eta.check(sum(u.windows for u in todo) * tuning.s_per_window, "by its probe")
+        model.inner, compile_s, eager_why = compile_model(  # after the check: no compile for a skipped model
+            model.inner, options.compile, _example_batch(spec, tuning.batch_size, runtime)
+        )
+        result.tuning.update(compile=options.compile if eager_why is None else "none", compile_s=compile_s,
+                             compile_note=eager_why)  # fmt: skip
         sums = {}
         windows_left = sum(u.windows for u in todo)
         done = _Done()
