@@ -42,7 +42,7 @@ from .errors import DeviceError, ModelRunError, UserError
 from .fragments import find_fragments
 from .manifest import load_manifest, sha256_file
 from .maps import TILE, write_probability_tiff
-from .model_run import IN_STORE, ModelRunOptions, RunEnded, run_model
+from .model_run import ModelRunOptions, RunEnded, run_model
 from .outputs import OutputOptions, write_outputs
 from .partials import PartialStore
 from .plan import FragmentPlan, Unit, UnitSettings, assign, model_count, plan_run
@@ -460,7 +460,7 @@ def _take_sums(sums: dict, spec, weights, store: PartialStore | None, item: Frag
     """A unit's int64 sums on its block rows, taken out of the model's ``sums``: kept in memory, or (a large
     fragment's) read back from its partial."""
     found = sums.pop(item.id)
-    if found is not IN_STORE:
+    if not isinstance(found, str):  # else model_run.IN_STORE
         return found
     unit = Unit(spec, weights, item)
     loaded, _, why = store.load(unit)
