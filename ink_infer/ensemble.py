@@ -7,14 +7,14 @@ added band by band as its rows are finished (``pipeline.py``), so a scroll segme
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from .config import BLOCK
 from .raster import Raster
-from .stitch import finalize
+from .stitch import covered_piece, finalize
 from .tiling import cover_grid
 
 
@@ -54,11 +54,7 @@ class FragmentEnsemble:
         if kind == "mask" or not self.weight_sum:
             return lambda y0, y1, x0, x1: self.mask[y0:y1, x0:x1]
 
-        def covered(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-            blocks = self.covered_blocks[np.ix_(np.arange(y0, y1) // BLOCK, np.arange(x0, x1) // BLOCK)]
-            return blocks & self.mask[y0:y1, x0:x1]
-
-        return covered
+        return functools.partial(covered_piece, self.covered_blocks, self.mask)
 
     def mean(self) -> np.ndarray:
         """``(H, W)`` float32 ensemble probability, whole (a small fragment's; tests)."""

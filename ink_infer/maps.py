@@ -30,12 +30,6 @@ def quantised(prob: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def array_bands(a: np.ndarray, rows: int = TILE) -> Iterator[np.ndarray]:
-    """An in-memory map as the consecutive bands the writers take."""
-    for y in range(0, a.shape[0], rows):
-        yield a[y : y + rows]
-
-
 def _tiles(width: int, bands: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     """Row-major tiles of the map given as bands of ``TILE`` rows, each quantised as it is cut."""
     for band in bands:

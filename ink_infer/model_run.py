@@ -370,7 +370,8 @@ def check_outputs(name: str, frag_id: str, frag: FragmentResult, *, limit: float
 
 
 def _reuse_partials(units: list[Unit], store: PartialStore, result: ModelResult) -> dict[str, np.ndarray]:
-    """The sum maps of the units that earlier runs with the same key left in the store, by fragment id."""
+    """The sum maps of the units that earlier runs with the same key left in the store, by fragment id (a large
+    fragment's as ``IN_STORE``: read back when merged)."""
     found: dict[str, np.ndarray] = {}
     for unit in units:
         frag_id = unit.fragment.id

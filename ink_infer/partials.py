@@ -40,6 +40,11 @@ STORED = (np.dtype(np.int32), np.dtype(np.int64))  # the dtypes a partial's sums
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def safe_name(name: str) -> str:
+    """``name`` as a file name part: every run of other characters than letters, digits, ``._-`` is one ``_``."""
+    return _UNSAFE.sub("_", name)
+
+
 class PartialStore:
     """``OUT/partials``: one ``.npz`` per (model, fragment) unit holding its covered blocks and the key they belong to.
 
@@ -52,7 +57,7 @@ class PartialStore:
     def path(self, model: str, fragment: str) -> Path:
         """File of (model, fragment): readable names, plus a short hash so that distinct pairs never collide."""
         tag = hashlib.sha256(f"{model}\0{fragment}".encode()).hexdigest()[:8]
-        return self.root / f"{_UNSAFE.sub('_', model)}.{_UNSAFE.sub('_', fragment)}.{tag}.npz"
+        return self.root / f"{safe_name(model)}.{safe_name(fragment)}.{tag}.npz"
 
     def load(self, unit: Unit) -> tuple[np.ndarray | None, FragmentResult | None, str | None]:
         """``(fixed-point sum map int64 on the unit's block rows, the unit's result saved with it, None)`` when a

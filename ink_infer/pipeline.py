@@ -44,7 +44,7 @@ from .manifest import load_manifest, sha256_file
 from .maps import TILE, write_probability_tiff
 from .model_run import ModelRunOptions, RunEnded, run_model
 from .outputs import OutputOptions, write_outputs
-from .partials import PartialStore
+from .partials import PartialStore, safe_name
 from .plan import FragmentPlan, Unit, UnitSettings, assign, model_count, plan_run
 from .preflight import check_free_space, check_hashes, check_stride, check_weights, prepare_out
 from .progress import RunProgress
@@ -449,11 +449,7 @@ def _spill(cfg: RunConfig, plan: FragmentPlan, what: str):
     """The file a large fragment's map of ``what`` lives in, in this run's scratch folder; None: in memory."""
     if not is_large(plan.shape) or cfg.dry_run:
         return None
-    return scratch_dir(cfg.partials_dir) / f"{_safe(plan.id)}.{_safe(what)}.f32"
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    return scratch_dir(cfg.partials_dir) / f"{safe_name(plan.id)}.{safe_name(what)}.f32"
 
 
 def _take_sums(sums: dict, spec, weights, store: PartialStore | None, item: FragmentPlan) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Fragment-sized maps read and written by bands: in memory for a fragment that fits, in a raw file on disk for a
-scroll segment that would not (``config.LARGE_PIXELS``: ``spill_path``).
+scroll segment that would not (``config.LARGE_PIXELS``, ``is_large``).
 
 A 20,000 x 40,000 px segment is 3.2 GB per float32 map; the ensemble's sum of model maps is one such map, kept
 for the whole run (models run outer, fragments inner). Past ``LARGE_PIXELS`` it lives in a file instead, and each
-access maps just the part it touches (``np.memmap``) and unmaps it at once: what a run holds of it is then one
+access maps the file (``mmap``), touches just its part and unmaps it at once: what a run holds of it is then one
 band, while the rest sits in the page cache, which the kernel gives back under memory pressure (a map kept open
 would count every page it ever touched in the process's resident memory).
 
@@ -13,7 +13,6 @@ turning the whole map: rows of a map turned by a quarter are columns of the stor
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 from collections.abc import Callable, Iterator
@@ -67,11 +66,7 @@ class Raster:
         """A copy of ``[y0:y1, x0:x1]`` (a view in memory: do not change it)."""
         if self._array is not None:
             return self._array[y0:y1, x0:x1]
-        with self._mapped(mmap.ACCESS_READ) as m:
-            a = self._view(m)
-            out = np.array(a[y0:y1, x0:x1])
-            del a  # the map closes only once no array looks into it
-        return out
+        return self._on_file(lambda a: np.array(a[y0:y1, x0:x1]), write=False)
 
     def add(self, y0: int, values: np.ndarray) -> None:
         """``map[y0 : y0 + len(values)] += values`` (the same float32 addition as in memory)."""
@@ -81,48 +76,35 @@ class Raster:
         """``map[y0 : y0 + len(values)] = values``."""
         self._update(y0, values, add=False)
 
+    def _update(self, y0: int, values: np.ndarray, *, add: bool) -> None:
+        def update(a: np.ndarray) -> None:
+            rows = a[y0 : y0 + len(values)]
+            if add:
+                rows += values
+            else:
+                rows[...] = values
+
+        if self._array is not None:
+            update(self._array)
+        else:
+            self._on_file(update, write=True)
+
     def delete(self) -> None:
         """Free the map (its file removed)."""
         self._array = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
-    def _update(self, y0: int, values: np.ndarray, *, add: bool) -> None:
-        y1 = y0 + len(values)
-        if self._array is not None:
-            target = self._array
-        else:
-            m = self._mapped(mmap.ACCESS_WRITE)
-            target = self._view(m.__enter__())
-        try:
-            if add:
-                target[y0:y1] += values
-            else:
-                target[y0:y1] = values
-        finally:
-            if self._array is None:
-                del target
-                m.__exit__(None, None, None)
-
-    def _view(self, m: mmap.mmap) -> np.ndarray:
-        return np.frombuffer(m, self.dtype).reshape(self.shape)
-
-    def _mapped(self, access: int) -> contextlib.AbstractContextManager[mmap.mmap]:
-        """The file mapped whole, unmapped on exit: its pages leave the process's resident set at once."""
-        return _Mapping(self.path, access)
-
-
-class _Mapping:
-    def __init__(self, path: Path, access: int) -> None:
-        self.path, self.access = path, access
-
-    def __enter__(self) -> mmap.mmap:
-        with open(self.path, "r+b" if self.access == mmap.ACCESS_WRITE else "rb") as f:
-            self.m = mmap.mmap(f.fileno(), 0, access=self.access)
-        return self.m
-
-    def __exit__(self, *exc: object) -> None:
-        self.m.close()
+    def _on_file(self, use, *, write: bool):
+        """``use(the whole file as an (H, W) array)``, the file mapped only meanwhile: its pages leave the
+        process's resident set when it returns. ``use`` must not hand back a view of the array."""
+        access = mmap.ACCESS_WRITE if write else mmap.ACCESS_READ
+        with open(self.path, "r+b" if write else "rb") as f, mmap.mmap(f.fileno(), 0, access=access) as m:
+            a = np.frombuffer(m, self.dtype).reshape(self.shape)
+            try:
+                return use(a)
+            finally:
+                del a  # the map closes only once no array looks into it
 
 
 # ``piece(y0, y1, x0, x1)``: a copy (or view) of a region of an ``(H, W)`` map

@@ -125,4 +125,16 @@ def finalize(sum_map: np.ndarray, count_blocks: np.ndarray, mask: np.ndarray) ->
 
 def covered_mask(count_blocks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``(H, W)`` bool: in the mask and covered by at least one window."""
-    return expand_blocks(count_blocks > 0, mask.shape) & mask
+    return covered_piece(count_blocks > 0, mask, 0, mask.shape[0], 0, mask.shape[1])
+
+
+def covered_piece(
+    covered_blocks: np.ndarray, mask: np.ndarray, y0: int, y1: int, x0: int, x1: int
+) -> np.ndarray:
+    """``[y0:y1, x0:x1]`` of ``covered_mask``: ``covered_blocks`` ``(gh, gw)`` bool, on the cover grid or a smaller
+    one (pixels past it are not covered), spread to those pixels, and the mask's."""
+    gh, gw = covered_blocks.shape
+    rows, cols = np.arange(y0, y1) // BLOCK, np.arange(x0, x1) // BLOCK
+    blocks = covered_blocks[np.ix_(np.minimum(rows, gh - 1), np.minimum(cols, gw - 1))]
+    blocks &= (rows < gh)[:, None] & (cols < gw)[None, :]
+    return blocks & mask[y0:y1, x0:x1]

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -28,7 +27,7 @@ from .budget import EtaMonitor
 from .config import ModelSpec
 from .errors import DeviceError, ModelRunError, UserError
 from .model_run import ModelRunOptions, RunEnded, run_model
-from .partials import PartialStore
+from .partials import PartialStore, safe_name
 from .plan import FragmentPlan, UnitSettings, Weights, assign, unit_cost
 from .progress import RunProgress
 from .raster import is_large
@@ -91,7 +90,7 @@ def plan_shares(
 
 
 def part_path(out: Path, label: str) -> Path:
-    return out / "parts" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}.json"
+    return out / "parts" / f"{safe_name(label)}.json"
 
 
 def write_part(out: Path, part: PartReport) -> None:

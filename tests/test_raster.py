@@ -7,12 +7,17 @@ import cv2
 import numpy as np
 import pytest
 
-from ink_infer.maps import array_bands, write_mask_png
+from ink_infer.maps import write_mask_png
 from ink_infer.previews import PreviewAccumulator
 from ink_infer.raster import Raster, array_piece, turned_band, turned_shape
 from ink_infer.rle import RleEncoder, rle_encode
 from ink_infer.rotation import turn_back
 from ink_infer.threshold import banded_quantile
+
+
+def array_bands(a: np.ndarray, rows: int = 256):
+    """An in-memory map as the consecutive bands the writers take."""
+    return (a[y : y + rows] for y in range(0, a.shape[0], rows))
 
 
 def partition_quantile(values: np.ndarray, q: float) -> float:

@@ -13,7 +13,6 @@ Files are size + sha256 checked against the manifest before anything is unpickle
 from __future__ import annotations
 
 import pickle
-import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -97,9 +96,9 @@ def _safe_load(path: Path, *, mmap: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # weights_only refuses globals (classes, functions) before calling them: the file would have run code.
-        # torch's own message advises weights_only=False; we name the offending global instead.
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        why = f"it references {found.group(1)}" if found else _one_line(e)
+        # torch's own message advises weights_only=False; we name the offending globals instead.
+        unsafe = _unsafe_globals(path)
+        why = f"it references {', '.join(unsafe)}" if unsafe else _one_line(e)
         raise UserError(
             f"{path}: refused to unpickle, not plain tensors (weights_only=True): {why}"
         ) from None
@@ -110,6 +109,15 @@ def _safe_load(path: Path, *, mmap: bool = False) -> Any:
         raise UserError(
             f"{path}: not a readable torch checkpoint (truncated or wrong file?): {why}"
         ) from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a zip checkpoint would import, as torch lists them without unpickling (none for a legacy
+    pickle, which torch cannot list)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError):
+        return []
 
 
 def _one_line(e: BaseException) -> str:
