@@ -1,13 +1,13 @@
 """Speed-up of ``--devices cpu,cpu`` (two worker processes, one thread each) over one worker of one thread, on the
 demo's two small trained models over a synthetic test set, in one run of this script.
 
-    python benchmarks/workers_speedup.py [--size 1024x1024] [--fragments 2] [--repeats 1]
+    python benchmarks/workers_speedup.py [--size 1024x1024] [--fragments 2] [--unit-windows 256] [--repeats 1]
 
-Both sides go through ``pipeline.run`` with ``--fresh`` (no partial reused): the baseline is this process with one
-torch thread (no worker start-up to pay: the comparison favours it), the other ``--devices cpu,cpu`` (each worker
-one thread). Prints seconds, the
-speed-up (goal >= 1.8x on 2 cores) and the balance of the two workers (slowest worker's seconds / mean), and checks
-that both submissions are byte-identical.
+Both sides go through ``pipeline.run`` with ``--fresh`` (no partial reused) and the same ``--unit-windows`` (the
+same units): the baseline is this process with one torch thread (no worker start-up to pay: the comparison
+favours it), the other ``--devices cpu,cpu`` (each worker one thread, sharing a queue of the units). Prints
+seconds, the speed-up (goal >= 1.8x on 2 cores), the balance of the two workers (slowest worker's seconds /
+mean) and the units each computed, and checks that both submissions are byte-identical.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1024x1024")
     ap.add_argument("--fragments", type=int, default=2)
+    ap.add_argument(
+        "--unit-windows",
+        type=int,
+        default=256,
+        help="windows per unit: the demo's 2 models x 2 fragments are otherwise 4 units in all",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
@@ -46,7 +52,8 @@ def main() -> None:
             for devices in ("cpu", "cpu,cpu"):  # alternated, so a slower stretch of the machine hits both
                 out = tmp / f"{devices}-{r}"
                 cfg = RunConfig(data=data, out=out, manifest=DEMO_MANIFEST, weights=DEMO_MANIFEST.parent,
-                                devices=tuple(devices.split(",")), quiet=True, previews=False)  # fmt: skip
+                                devices=tuple(devices.split(",")), quiet=True, previews=False,
+                                unit_windows=args.unit_windows)  # fmt: skip
                 torch.set_num_threads(1 if devices == "cpu" else threads)
                 t0 = time.perf_counter()
                 report = run(cfg, fresh=True)
@@ -54,6 +61,9 @@ def main() -> None:
                 if devices == "cpu,cpu":
                     secs = [p.seconds for p in report.parts]
                     balance.append(max(secs) / (sum(secs) / len(secs)))
+                    for p in report.parts:
+                        took = [(m.name, f) for m in p.models for f in m.fragments]
+                        print(f"  {p.label}: {p.seconds:.1f} s, {len(took)} units")
             same = (tmp / f"cpu-{r}" / "submission.csv").read_bytes() == (
                 tmp / f"cpu,cpu-{r}" / "submission.csv"
             ).read_bytes()

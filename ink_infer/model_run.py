@@ -17,6 +17,7 @@ import torch
 
 from . import plan
 from .budget import BudgetSkip, EtaMonitor
+from .claims import Claims
 from .compiling import compile_model
 from .config import ModelSpec
 from .errors import DeviceError, ModelRunError, UserError
@@ -66,9 +67,9 @@ IN_STORE = "in the partials"
 @dataclass
 class ModelRun:
     """What ``run_model`` hands back: the model's result and, when it is ``ok`` in a full run, its sum maps by
-    unit id (fixed-point int64 on the unit's block rows, ``Unit.block_rows``; all units or none). A unit of a
-    large fragment (``raster.is_large``) whose partial is saved is ``IN_STORE`` instead: a model's sums over a
-    scroll segment are never all in memory."""
+    unit id (fixed-point int64 on the unit's block rows, ``Unit.block_rows``; all units or none, or with
+    ``claims`` the units this worker took). A unit of a large fragment (``raster.is_large``) whose partial is saved
+    is ``IN_STORE`` instead: a model's sums over a scroll segment are never all in memory."""
 
     result: ModelResult
     sums: dict[str, np.ndarray | str] = field(default_factory=dict)
@@ -169,11 +170,15 @@ def run_model(
     eta: EtaMonitor | None = None,
     store: PartialStore | None = None,
     progress: RunProgress | None = None,
+    claims: Claims | None = None,
 ) -> ModelRun:
     """One model over every fragment: partials reused (from ``store``, unless ``options.fresh``), the rest computed
-    and saved there (``progress`` shown as they run). A model that would end past ``eta``'s deadline is skipped; a failing one is recorded and
-    skipped (``RunEnded`` with ``--on-model-error fail``). ``RunEnded`` also carries a stop request, data that went
-    bad and a device failure up, with what the model did until then."""
+    and saved there (``progress`` shown as they run). A model that would end past ``eta``'s deadline is skipped;
+    a failing one is recorded and skipped (``RunEnded`` with ``--on-model-error fail``). ``RunEnded`` also carries
+    a stop request, data that went bad and a device failure up, with what the model did until then.
+
+    ``claims``: a worker of a shared queue computes only the units it takes there (the model is not even loaded
+    when it takes none); its result and sums then hold those units only."""
     result = ModelResult(
         spec.name, spec.arch, "running", random_weights=weights.path is None, sha256=weights.sha256
     )
@@ -183,15 +188,19 @@ def run_model(
         torch.cuda.reset_peak_memory_stats(runtime.device)
     t_model = time.perf_counter()
     try:
-        if store is not None and not options.fresh:
-            sums.update(_reuse_partials(units, store, result))
-        todo = [u for u in units if u.fragment.id not in sums]
+        if claims is not None:  # a worker of a shared queue: the merge reads the partials, not this process
+            todo = _free_units(units, None if options.fresh else store, claims, result)
+        else:
+            if store is not None and not options.fresh:
+                sums.update(_reuse_partials(units, store, result))
+            todo = [u for u in units if u.fragment.id not in sums]
         if progress is not None:
             progress.start_model(spec.name, sum(unit_windows(u, options) for u in todo))
         if todo:
             sums.update(_compute(spec, weights, todo, options, runtime, result, stop=stop, eta=eta, store=store,
-                                 progress=progress))  # fmt: skip
-        result.fragments = {p.id: result.fragments[p.id] for p in plans}  # in row order, reused or computed
+                                 progress=progress, claims=claims))  # fmt: skip
+        # in row order, reused or computed (a worker of a shared queue: those it took)
+        result.fragments = {p.id: result.fragments[p.id] for p in plans if p.id in result.fragments}
         result.status = "ok"
     except BudgetSkip as e:
         result.status, result.reason = "skipped", str(e)
@@ -236,8 +245,15 @@ def _compute(
     eta: EtaMonitor | None,
     store: PartialStore | None,
     progress: RunProgress | None = None,
+    claims: Claims | None = None,
 ) -> dict[str, np.ndarray]:
-    """Build and load the model, tune it, run the units ``todo``, free it. Returns their sum maps by fragment."""
+    """Build and load the model, tune it, run the units ``todo`` (with ``claims``: those it takes, the first of
+    them before the model is loaded), free it. Returns their sum maps by fragment."""
+    if claims is not None:
+        first = next((i for i, u in enumerate(todo) if claims.take(u)), None)
+        if first is None:  # every unit was taken by other workers meanwhile: nothing to load the model for
+            return {}
+        todo = todo[first:]
     model = None
     try:
         try:
@@ -265,8 +281,11 @@ def _compute(
         sums = {}
         windows_left = sum(u.windows for u in todo)
         done = _Done()
-        for unit in todo:
+        for n, unit in enumerate(todo):
             stop.check()
+            if claims is not None and n > 0 and not claims.take(unit):
+                windows_left -= unit.windows  # another worker computes it
+                continue
             sum_map, stats = _run_unit(
                 model, unit, options, runtime, tuning.batch_size, stop, eta, windows_left, progress, done,
                 fixed_batch=eager_why is None and options.compile != "none",
@@ -367,6 +386,24 @@ def check_outputs(name: str, frag_id: str, frag: FragmentResult, *, limit: float
     for w in warnings:
         log.warning(w)
     return warnings
+
+
+def _free_units(
+    units: list[Unit], store: PartialStore | None, claims: Claims, result: ModelResult
+) -> list[Unit]:
+    """A worker's units still free in the queue and without a partial; one with its partial (from an earlier run)
+    is taken and recorded as reused, its blocks left on disk for the merge."""
+    free = []
+    for unit in units:
+        if not claims.free(unit):
+            continue
+        frag = store.saved_result(unit) if store is not None else None
+        if frag is None:
+            free.append(unit)
+        elif claims.take(unit):
+            frag.partial = PARTIAL_REUSED
+            result.fragments[unit.fragment.id] = frag
+    return free
 
 
 def _reuse_partials(units: list[Unit], store: PartialStore, result: ModelResult) -> dict[str, np.ndarray]:

@@ -88,12 +88,17 @@ class PartialStore:
 
     def has(self, unit: Unit) -> bool:
         """Whether the unit's partial is there with its key (only the key is read, not the blocks)."""
+        return self.saved_result(unit) is not None
+
+    def saved_result(self, unit: Unit) -> FragmentResult | None:
+        """The unit's result saved with its partial, if one is there with its key (the blocks are not read)."""
         digest, _ = unit.key(self.settings)
         try:
             with np.load(self.path(unit.model.name, unit.fragment.id), allow_pickle=False) as z:
-                return json.loads(str(z["meta"][()])).get("digest") == digest
+                meta = json.loads(str(z["meta"][()]))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            return False
+            return None
+        return FragmentResult.from_dict(meta.get("stats", {})) if meta.get("digest") == digest else None
 
     def clear(self) -> int:
         """Remove every partial in the store (and the folder, once empty): after a successful submission on

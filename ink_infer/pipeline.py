@@ -75,6 +75,7 @@ from .stop import Interrupted, StopRequest, signal_name
 from .workers import (
     WorkerInputs,
     WorkerJob,
+    claims_dir,
     compute_share,
     failed_models,
     part_path,
@@ -317,7 +318,8 @@ def _join_group(cfg: RunConfig, rank):
 
 def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, *, fresh: bool) -> Elsewhere:
     """One worker per device computes its share: this process the first device's, one spawned process each
-    other's. What a dead worker lost is computed here afterwards (reassigned once); a worker's user, model
+    other's; they share a queue (``claims.py``), so the first to finish takes what is left of the others' shares.
+    What a dead worker lost is computed here afterwards (reassigned once); a worker's user, model
     (``--on-model-error fail``) or device error ends the run."""
     labels = [f"worker {j} ({d})" for j, d in enumerate(devices)]
     shares = plan_shares(models, items, devices, labels)
@@ -327,7 +329,7 @@ def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, 
     jobs = [
         WorkerJob(share.label, share.device, share.units, where, model_options(cfg, runtime, fresh=fresh),
                   _settings(cfg, runtime), cfg.out, cfg.partials_dir, cfg.budget.gpu_mem_gb, deadline,
-                  worker_threads(devices), cfg.quiet, cfg.progress_every)
+                  worker_threads(devices), cfg.quiet, cfg.progress_every, claims_dir(cfg.out))
         for share in shares
     ]  # fmt: skip
     options = model_options(cfg, runtime, fresh=fresh)
@@ -341,6 +343,7 @@ def _compute_on_workers(cfg, models, items, devices, runtime, report, stop, t0, 
                 shares[0], options, runtime, stop=stop, store=PartialStore(cfg.partials_dir, _settings(cfg, runtime)),
                 eta=EtaMonitor(deadline), out=cfg.out,
                 progress=share_progress(shares[0], every=cfg.progress_every, quiet=cfg.quiet),
+                claims=jobs[0].claims_view(),
             )  # fmt: skip
         finally:
             torch.set_num_threads(before)

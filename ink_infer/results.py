@@ -104,7 +104,8 @@ class PartReport:
     """What one worker process, one ``--part-id`` or one torchrun rank computed: ``OUT/parts/<label>.json``.
 
     ``status``: running | ok | failed | interrupted; ``error_kind`` (when failed): user | model | device | internal.
-    ``lost``: [model, unit] pairs it was given and did not finish (filled in by whoever saw it die)."""
+    ``lost``: [model, unit] pairs it was given (or took from a shared queue) and did not finish, and no other
+    worker took (filled in by whoever saw it end)."""
 
     label: str
     device: str

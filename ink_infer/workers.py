@@ -2,6 +2,12 @@
 (``compute_share``), and the worker processes of ``--devices`` (``run_workers``: the first device's share
 computed by the parent itself, one spawned process for each other device).
 
+The workers of ``--devices`` also share a queue (``claims.py``): each starts on its planned share, taking each unit
+before it computes it, and when its share is done it takes what is left of the others', from the end of their
+schedules (the last model first: what the owner would have come to last), each model's units longest first. So
+a worker that starts late (a spawned interpreter's seconds of start-up), runs slower, or dies leaves its units to
+the others, and the plan's cost estimates only decide where each worker starts.
+
 Every executor computes units and saves them as partials, and nothing else: the outputs are always built by one
 process afterwards, from the partials, summing the model maps in manifest order and the row ranges in row order
 (``pipeline.py``). So the submission's bytes do not depend on how many devices, ranks or parts computed the units,
@@ -15,6 +21,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -24,11 +31,12 @@ from pathlib import Path
 
 from .atomic import atomic_write_text
 from .budget import EtaMonitor
+from .claims import Claims, claim_name
 from .config import ModelSpec
 from .errors import DeviceError, ModelRunError, UserError
 from .model_run import ModelRunOptions, RunEnded, run_model
 from .partials import PartialStore, safe_name
-from .plan import FragmentPlan, UnitSettings, Weights, assign, unit_cost
+from .plan import FragmentPlan, Unit, UnitSettings, Weights, assign, unit_cost
 from .progress import RunProgress
 from .raster import is_large
 from .results import ModelResult, PartReport, json_text
@@ -48,6 +56,8 @@ class Share:
     label: str
     device: str
     models: tuple[tuple[ModelSpec, Weights, tuple[FragmentPlan, ...]], ...]
+    # the other shares' units, in the order this process takes them once its own are done (``own_and_spare``)
+    spare: tuple[tuple[ModelSpec, Weights, tuple[FragmentPlan, ...]], ...] = ()
 
     @property
     def units(self) -> list[list[str]]:
@@ -80,13 +90,31 @@ def plan_shares(
     owner = assign(costs, len(devices))
     shares = []
     for w, device in enumerate(devices):
-        per_model = []
-        for m, (spec, weights) in enumerate(models):
-            mine = tuple(items[i] for (mm, i), o in zip(units, owner, strict=True) if mm == m and o == w)
-            if mine:
-                per_model.append((spec, weights, mine))
-        shares.append(Share(labels[w], device, tuple(per_model)))
+        own = {(models[m][0].name, items[i].id) for (m, i), o in zip(units, owner, strict=True) if o == w}
+        shares.append(Share(labels[w], device, *own_and_spare(models, items, own)))
     return shares
+
+
+def own_and_spare(models, items: Sequence[FragmentPlan], own: set[tuple[str, str]]):
+    """A share's groups (model, weights, items): its ``own`` (model name, unit id) pairs by model in manifest
+    order, and every other unit as the spare it takes from the others once its own are done, the last model
+    first (what the owners would come to last). Within a model the units go longest first (most windows; ties in
+    plan order), for the owner and the others alike: the last units anyone takes are the shortest."""
+    longest_first = sorted(items, key=lambda item: -len(item.origins))  # a stable sort: ties keep plan order
+    mine, spare = [], []
+    for spec, weights in models:
+        taken = tuple(item for item in longest_first if (spec.name, item.id) in own)
+        rest = tuple(item for item in longest_first if (spec.name, item.id) not in own)
+        if taken:
+            mine.append((spec, weights, taken))
+        if rest:
+            spare.append((spec, weights, rest))
+    return tuple(mine), tuple(reversed(spare))
+
+
+def claims_dir(out: Path) -> Path:
+    """The shared queue's folder of a ``--devices`` run (removed when its workers have ended)."""
+    return out / "parts" / "claims"
 
 
 def part_path(out: Path, label: str) -> Path:
@@ -129,20 +157,30 @@ def compute_share(
     eta: EtaMonitor | None,
     out: Path,
     progress: RunProgress | None = None,
+    claims: Claims | None = None,
 ) -> PartReport:
     """Run the share's units model by model, saving each as a partial; ``OUT/parts/<label>.json`` after every
-    model. Raises what ends a run (``RunEnded``'s cause) after recording it in the part report."""
+    model. Raises what ends a run (``RunEnded``'s cause) after recording it in the part report.
+
+    ``claims``: the queue of a ``--devices`` run. The share's units are computed only when taken there, and then
+    the other shares' units that are still free (``Share.spare``)."""
     part = PartReport(share.label, share.device)
     t0 = time.perf_counter()
+    groups = share.models + (share.spare if claims is not None else ())
     try:
-        for spec, weights, items in share.models:
+        for spec, weights, items in groups:
             stop.check()
-            done = run_model(
-                spec, weights, items, options, runtime, stop=stop, eta=eta, store=store, progress=progress
-            )
+            if claims is not None and not any(claims.free(Unit(spec, weights, item)) for item in items):
+                continue
+            done = run_model(spec, weights, items, options, runtime, stop=stop, eta=eta, store=store,
+                             progress=progress, claims=claims)  # fmt: skip
+            if done.result.status == "ok" and not done.result.fragments:
+                continue  # the others took every unit of it first
             part.models.append(done.result)
             part.seconds = time.perf_counter() - t0
             write_part(out, part)
+            if claims is not None and done.result.status in ("failed", "skipped"):
+                _close_model(claims, spec, groups)  # it joins the ensemble nowhere
         part.status = "ok"
     except RunEnded as e:
         part.models.append(e.result)
@@ -155,6 +193,14 @@ def compute_share(
         part.seconds = time.perf_counter() - t0
         write_part(out, part)
     return part
+
+
+def _close_model(claims: Claims, spec: ModelSpec, groups) -> None:
+    """Take every unit of a model that failed or was skipped here, so that no other worker computes one."""
+    for g_spec, weights, items in groups:
+        if g_spec.name == spec.name:
+            for item in items:
+                claims.take(Unit(spec, weights, item))
 
 
 def share_progress(share: Share, *, every: float, quiet: bool) -> RunProgress:
@@ -211,6 +257,7 @@ class WorkerJob:
     threads: int | None  # CPU workers: torch threads each (one per core)
     quiet: bool = False
     progress_every: float = 60.0
+    claims: Path | None = None  # the shared queue's folder (``claims.py``); None: the planned units only
 
     def share(self) -> Share:
         from .fragments import find_fragments
@@ -222,14 +269,13 @@ class WorkerJob:
         fragments = with_rotation(fragments, self.inputs.rotate, self.inputs.out)
         _, items = plan_run(fragments, stride=self.inputs.stride, tta=self.inputs.tta,
                             unit_windows=self.inputs.unit_windows)  # fmt: skip
-        by_id = {item.id: item for item in items}
-        wanted = {(m, u) for m, u in self.units}
-        models = []
-        for spec in manifest.models:
-            mine = tuple(by_id[u] for u in by_id if (spec.name, u) in wanted)
-            if mine:
-                models.append((spec, self.inputs.weights[spec.name], mine))
-        return Share(self.label, self.device, tuple(models))
+        models = [(spec, self.inputs.weights[spec.name]) for spec in manifest.models]
+        return Share(self.label, self.device, *own_and_spare(models, items, {(m, u) for m, u in self.units}))
+
+    def claims_view(self) -> Claims | None:
+        return (
+            None if self.claims is None else Claims(self.claims, self.label, {(m, u) for m, u in self.units})
+        )
 
 
 def worker_main(job: WorkerJob) -> None:
@@ -251,6 +297,7 @@ def worker_main(job: WorkerJob) -> None:
                 share, job.options, runtime, stop=stop, store=PartialStore(job.partials, job.settings),
                 eta=None if job.deadline is None else EtaMonitor(job.deadline), out=job.out,
                 progress=share_progress(share, every=job.progress_every, quiet=job.quiet),
+                claims=job.claims_view(),
             )  # fmt: skip
         except Interrupted as e:
             code = 128 + e.signum
@@ -275,6 +322,8 @@ def run_workers(
         part_path(job.out, job.label).unlink(
             missing_ok=True
         )  # a part report of an earlier run is not this one's
+    for root in {job.claims for job in jobs if job.claims is not None}:
+        Claims.reset(root)
     spawned = list(jobs[1:] if here is not None else jobs)
     procs = [ctx.Process(target=worker_main, args=(job,), name=job.label) for job in spawned]
     for p in procs:
@@ -288,7 +337,10 @@ def run_workers(
         _wait(procs, stop)
         raise
     _wait(procs, stop)
-    return own + [_reported(job, p) for job, p in zip(spawned, procs, strict=True)]
+    parts = own + [_reported(job, p, jobs) for job, p in zip(spawned, procs, strict=True)]
+    for root in {job.claims for job in jobs if job.claims is not None}:
+        shutil.rmtree(root, ignore_errors=True)  # claims decide who computes, never a resumed run's work
+    return parts
 
 
 def _signal_all(procs) -> None:
@@ -310,17 +362,33 @@ def _wait(procs, stop: StopRequest) -> None:
             p.join()
 
 
-def _reported(job: WorkerJob, p) -> PartReport:
-    """A finished worker's part report, with its exit code and the units it did not finish."""
+def _reported(job: WorkerJob, p, jobs: Sequence[WorkerJob]) -> PartReport:
+    """A finished worker's part report, with its exit code and the units it lost: those it took and did not
+    finish, and (with a shared queue) those planned for it that no worker took. The units of a model that
+    failed or was skipped there are not lost: that model joins the ensemble nowhere."""
     parts = [r for r in read_parts(job.out) if r.label == job.label]
     report = parts[0] if parts else PartReport(job.label, job.device)  # died before its first word
     report.exitcode = p.exitcode
-    done = {(m.name, f) for m in report.models if m.status == "ok" for f in m.fragments}
-    report.lost = [u for u in job.units if tuple(u) not in done]
+    holders = None if job.claims is None else Claims(job.claims, job.label).holders()
+    report.lost = lost_units(report, job.units, [u for j in jobs for u in j.units], holders)
     if p.exitcode and report.status in ("running", "ok"):  # it died without a word: killed, or crashed
         why = signal_name(-p.exitcode) if p.exitcode < 0 else f"exit code {p.exitcode}"
         report.status, report.error, report.error_kind = "failed", f"the worker died ({why})", "died"
     return report
+
+
+def lost_units(part: PartReport, planned, everyone, holders: dict[str, str] | None) -> list[list[str]]:
+    """The [model, unit] pairs a part lost: of those it was ``planned`` (or, with a shared queue's ``holders``,
+    those it took among ``everyone``'s, and its planned ones nobody took), each it did not finish, unless its
+    model failed or was skipped there (that model joins the ensemble nowhere)."""
+    done = {(m.name, f) for m in part.models if m.status == "ok" for f in m.fragments}
+    gone = {m.name for m in part.models if m.status in ("failed", "skipped")}
+    if holders is None:
+        mine = list(planned)
+    else:
+        taken = [u for u in everyone if holders.get(claim_name(*u)) == part.label]
+        mine = taken + [u for u in planned if claim_name(*u) not in holders]
+    return [list(u) for u in mine if tuple(u) not in done and u[0] not in gone]
 
 
 def worker_threads(devices: Sequence[str]) -> int | None:

@@ -19,9 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ink_infer.plan import assign, split_rows
+from ink_infer.claims import claim_name
+from ink_infer.fragments import find_fragments
+from ink_infer.manifest import load_manifest
+from ink_infer.partials import PartialStore
+from ink_infer.plan import Weights, assign, plan_run, split_rows
 from ink_infer.submit import main
 from ink_infer.synthetic import write_dataset
+from ink_infer.workers import claims_dir
 from tests.helpers import SMALL_MODELS, one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +130,132 @@ def test_two_cpu_workers_give_the_single_process_bytes(frags, three_models, sing
     assert {f["partial"] for m in report["models"] for f in m["fragments"].values()} == {"saved"}
 
 
+class Queue:
+    """Two workers' shares of the three models' units and their shared queue, run in this process one after the
+    other (``run``), with the models each loads counted."""
+
+    def __init__(self, frags: Path, manifest: Path, out: Path, monkeypatch) -> None:
+        import ink_infer.model_run as model_run
+        from ink_infer.claims import Claims
+        from ink_infer.pipeline import _settings
+        from ink_infer.runtime import start_runtime
+        from ink_infer.submit import build_parser, config_from_args
+        from ink_infer.workers import plan_shares
+
+        self.out, self.Claims = out, Claims
+        self.cfg = config_from_args(build_parser().parse_args(argv(frags, out, manifest)))
+        self.runtime = start_runtime("cpu", gpu_mem_gb=self.cfg.budget.gpu_mem_gb)
+        _, self.items = plan_run(
+            find_fragments(frags)[0], stride=64, tta=self.cfg.tta, unit_windows=int(UNIT_WINDOWS)
+        )
+        self.models = [(spec, Weights(None, None)) for spec in load_manifest(manifest).models]
+        self.shares = plan_shares(self.models, self.items, ["cpu", "cpu"], ["worker 0", "worker 1"])
+        self.store = PartialStore(self.cfg.partials_dir, _settings(self.cfg, self.runtime))
+        self.root = claims_dir(out)
+        Claims.reset(self.root)
+        self.loads: list[str] = []
+        load = model_run.load_model
+        monkeypatch.setattr(
+            model_run, "load_model", lambda spec, *a, **k: self.loads.append(spec.name) or load(spec, *a, **k)
+        )
+
+    def run(self, i: int):
+        from ink_infer.model_run import ModelRunOptions
+        from ink_infer.stop import StopRequest
+        from ink_infer.workers import compute_share
+
+        share = self.shares[i]
+        self.loads.clear()
+        with StopRequest() as stop:
+            return compute_share(share, ModelRunOptions(tta=self.cfg.tta), self.runtime, stop=stop, store=self.store,
+                                 eta=None, out=self.out,
+                                 claims=self.Claims(self.root, share.label, {tuple(u) for u in share.units}))  # fmt: skip
+
+
+def ran(part) -> list[tuple[str, list[str]]]:
+    return [(m.name, list(m.fragments)) for m in part.models]
+
+
+def groups(gs) -> list[tuple[str, list[str]]]:
+    return [(spec.name, [item.id for item in its]) for spec, _, its in gs]
+
+
+def test_a_worker_takes_the_rest_of_the_others_shares_from_their_end_and_the_bytes_stay(
+    frags, three_models, single, tmp_path, monkeypatch, one_thread, capsys
+):
+    """The shared queue in one process: worker 0 has taken its first unit and is still on it when worker 1 comes
+    to it. Worker 1 takes its own units, then all of worker 0's but that one, from the end; worker 0, done with
+    its unit, finds nothing left and loads no model. The partials then give the single process's bytes."""
+    from ink_infer.plan import Unit
+
+    out = tmp_path / "queue"
+    q = Queue(frags, three_models, out, monkeypatch)
+    # the spare: the other share's units, the last model first; every model's units longest first
+    names = [spec.name for spec, _ in q.models]
+    spare = groups(q.shares[1].spare)
+    assert [n for n, _ in spare] == sorted({n for n, _ in spare}, key=names.index, reverse=True)
+    windows = {item.id: len(item.origins) for item in q.items}
+    assert len(set(windows.values())) > 2  # units of different lengths, so that the order is tested
+    for _, ids in spare + groups(q.shares[1].models):
+        assert [windows[u] for u in ids] == sorted((windows[u] for u in ids), reverse=True)
+    assert {(n, u) for n, ids in spare for u in ids} == {tuple(u) for u in q.shares[0].units}
+
+    spec, weights, its = q.shares[0].models[
+        0
+    ]  # worker 0 started on its first unit before worker 1 came to it
+    q.Claims(q.root, "worker 0").take(Unit(spec, weights, its[0]))
+    one = q.run(1)
+    expected = groups(q.shares[1].models) + [
+        (n, [u for u in ids if (n, u) != (spec.name, its[0].id)]) for n, ids in spare
+    ]
+    assert ran(one) == [(n, ids) for n, ids in expected if ids]
+    zero = q.run(0)
+    assert ran(zero) == [] and q.loads == []  # nothing left for it: no model loaded
+    # the unit worker 0 had taken (and, here, never finished) is the one the merge misses
+    assert main(argv(frags, out, three_models, "--merge-only")) == 2
+    assert f"model {spec.name}, unit {its[0].id}: no partial" in one_error_line(capsys)
+    assert main(argv(frags, out, three_models)) == 0  # a rerun computes it, and reads every other unit back
+    assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
+    computed = [(m["name"], u) for m in report_of(out)["models"] for u, f in m["fragments"].items()
+                if f["partial"] == "saved"]  # fmt: skip
+    assert computed == [(spec.name, its[0].id)]
+
+
+def test_a_model_failing_in_one_worker_is_computed_by_no_other_and_is_not_lost(
+    frags, three_models, tmp_path, monkeypatch, one_thread
+):
+    import ink_infer.model_run as model_run
+    from ink_infer.results import PartReport
+    from ink_infer.workers import lost_units
+
+    q = Queue(frags, three_models, tmp_path / "failing", monkeypatch)
+    counted = model_run.load_model
+
+    def broken_m3d(spec, *a, **k):
+        model, info = counted(spec, *a, **k)
+        if spec.name == "m3d":
+            model.forward = lambda x: (_ for _ in ()).throw(RuntimeError("broken on purpose"))
+        return model, info
+
+    monkeypatch.setattr(model_run, "load_model", broken_m3d)
+    one = q.run(1)  # alone: its own units, then every unit of worker 0's share, as if worker 0 never started
+    own, spare = ({n for n, _ in groups(gs)} for gs in (q.shares[1].models, q.shares[1].spare))
+    assert "m3d" in own and "m3d" in spare
+    # m3d failed in its own share, and its units in the spare were closed: not loaded again, not run again
+    assert [m.status for m in one.models if m.name == "m3d"] == ["failed"] and q.loads.count("m3d") == 1
+    assert {n for n, _ in ran(one) if n != "m3d"} == {"m25d", "m25d_b"}
+    zero = q.run(0)
+    assert zero.models == [] and q.loads == []
+    # none of the units it took is lost: they are done, or of the model that joins the ensemble nowhere
+    holders = q.Claims(q.root, "").holders()
+    everyone = [u for share in q.shares for u in share.units]
+    assert lost_units(one, q.shares[1].units, everyone, holders) == []
+    # while a unit it took of a model that did not fail is lost when it is not finished
+    unfinished = PartReport("worker 1", "cpu", models=[m for m in one.models if m.name != "m25d"])
+    lost = lost_units(unfinished, q.shares[1].units, everyone, holders)
+    assert lost and {m for m, _ in lost} == {"m25d"}
+
+
 def test_parts_then_merge_give_the_single_process_bytes_and_a_missing_part_is_named(
     frags, three_models, single, tmp_path, capsys
 ):
@@ -174,22 +305,34 @@ def test_a_worker_killed_mid_run_is_reported_and_its_units_are_computed_by_the_p
     proc = subprocess.Popen(
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    units = [(m["name"], u) for m in report_of(single)["models"] for u in m["fragments"]]
+    store = PartialStore(out / "partials", None)
+
+    def computing(label: str) -> bool:  # it has taken a unit from the queue whose partial is not saved yet
+        for m, u in units:
+            claim = claims_dir(out) / claim_name(m, u)
+            if claim.is_file() and claim.read_text() == label and not store.path(m, u).exists():
+                return True
+        return False
+
     deadline = time.monotonic() + 300
     victim = None
     while victim is None and proc.poll() is None and time.monotonic() < deadline:
         pids = worker_pids(proc.pid)
         # the parent computes the first device's share: the second device's is the one spawned worker
-        if len(pids) == 1 and list((out / "partials").glob("*.npz")):  # the workers are computing
+        if len(pids) == 1 and computing("worker 1 (cpu)"):
             victim = pids[0]
             os.kill(victim, signal.SIGKILL)
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert victim is not None, "the workers never started"
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     report = report_of(out)
     dead = [p for p in report["parts"] if p["exitcode"] == -signal.SIGKILL]
-    assert len(dead) == 1 and dead[0]["error"] == "the worker died (SIGKILL)" and dead[0]["lost"]
-    assert "unfinished unit(s) are computed here" in err
+    assert len(dead) == 1 and dead[0]["error"] == "the worker died (SIGKILL)"
+    # it loses the one unit it was on: the rest of its share was left in the queue, for the parent to take
+    assert len(dead[0]["lost"]) == 1 and "its 1 unfinished unit(s) are computed here" in err
+    assert not claims_dir(out).exists()
     assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
 
 
