@@ -158,11 +158,15 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
     )  # fmt: skip
     report_path = cfg.out / "report.json"
     models = [(spec, weights[spec.name]) for spec in manifest.models]
+    if cfg.dry_run and rank is not None and rank.rank != 0:
+        # a dry run is rank 0's alone: it projects the ranks' makespan; nothing is sampled or written here
+        report.status, report.mode = "ok", f"rank {rank.rank} of {rank.world_size}"
+        return report
     with StopRequest() as stop:
         try:
             elsewhere = Elsewhere()
             if cfg.dry_run:
-                pass  # a dry run samples every model here; --devices only changes its projection (the makespan)
+                pass  # a dry run samples every model here; --devices, torchrun only change its projection
             elif cfg.num_parts > 1 or rank is not None:
                 n, i = (rank.world_size, rank.rank) if rank else (cfg.num_parts, cfg.part_id)
                 report_path = part_report_path(cfg, n, i, rank)
@@ -190,8 +194,9 @@ def run(cfg: RunConfig, *, fresh: bool = False) -> RunReport:
             )
             stop.check()
             if cfg.dry_run:
+                workers = rank.world_size if rank is not None else max(1, len(devices))
                 report.projection = verdicts(
-                    report.models, cfg.budget, makespan_hours=_makespan(report, items, max(1, len(devices)))
+                    report.models, cfg.budget, makespan_hours=_makespan(report, items, workers)
                 )
             else:
                 if not any(e.weight_sum for e in ensembles) and any(len(p.origins) for p in plans):

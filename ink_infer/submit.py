@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    if cfg.dry_run and report.projection is None:  # a torchrun rank but rank 0
+        print(f"{report.mode}: the dry run is rank 0's; its report.json projects every rank's share")
+        return 0
     print(format_table(table_rows(report), TABLE))
     if report.submission is not None:
         print(f"wrote {report.submission.path}, {cfg.out / 'report.json'}, {cfg.out / 'previews'}/")

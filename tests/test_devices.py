@@ -294,6 +294,46 @@ def worker_pids(parent: int) -> list[int]:
     return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
+def computing(out: Path, single: Path, label: str) -> bool:
+    """Whether the worker ``label`` has taken a unit from the queue whose partial is not saved yet."""
+    store = PartialStore(out / "partials", None)
+    for m in report_of(single)["models"]:
+        for u in m["fragments"]:
+            claim = claims_dir(out) / claim_name(m["name"], u)
+            if claim.is_file() and claim.read_text() == label and not store.path(m["name"], u).exists():
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_sigterm_to_the_parent_stops_every_worker_and_the_rerun_resumes_identically(
+    frags, three_models, single, tmp_path
+):
+    out = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "ink_infer.submit", *argv(frags, out, three_models, "--devices", "cpu,cpu")]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not computing(out, single, "worker 1 (cpu)"):
+        assert proc.poll() is None and time.monotonic() < deadline, "the spawned worker never computed"
+        time.sleep(0.02)
+    workers = worker_pids(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted by SIGTERM"), err[-3000:]
+    assert not (out / "submission.csv").exists() and report_of(out)["status"] == "interrupted"
+    assert workers and not any(Path(f"/proc/{pid}").exists() for pid in workers)  # they ended with it
+    spawned = json.loads((out / "parts" / "worker_1_cpu_.json").read_text())
+    assert spawned["status"] == "interrupted"
+
+    assert main(argv(frags, out, three_models, "--devices", "cpu,cpu")) == 0  # the rerun, queue and all
+    assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
+    assert report_of(out)["partials"]["reused"]  # what was saved before the stop is not computed again
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_a_worker_killed_mid_run_is_reported_and_its_units_are_computed_by_the_parent(
     frags, three_models, single, tmp_path
@@ -305,22 +345,12 @@ def test_a_worker_killed_mid_run_is_reported_and_its_units_are_computed_by_the_p
     proc = subprocess.Popen(
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    units = [(m["name"], u) for m in report_of(single)["models"] for u in m["fragments"]]
-    store = PartialStore(out / "partials", None)
-
-    def computing(label: str) -> bool:  # it has taken a unit from the queue whose partial is not saved yet
-        for m, u in units:
-            claim = claims_dir(out) / claim_name(m, u)
-            if claim.is_file() and claim.read_text() == label and not store.path(m, u).exists():
-                return True
-        return False
-
     deadline = time.monotonic() + 300
     victim = None
     while victim is None and proc.poll() is None and time.monotonic() < deadline:
         pids = worker_pids(proc.pid)
         # the parent computes the first device's share: the second device's is the one spawned worker
-        if len(pids) == 1 and computing("worker 1 (cpu)"):
+        if len(pids) == 1 and computing(out, single, "worker 1 (cpu)"):
             victim = pids[0]
             os.kill(victim, signal.SIGKILL)
         time.sleep(0.02)
@@ -350,11 +380,22 @@ def test_a_bad_devices_list_is_one_line_and_exit_2(devices, needle, frags, three
     assert needle in one_error_line(capsys)
 
 
-def test_a_dry_run_on_two_devices_projects_the_makespan(frags, three_models, tmp_path, one_thread):
+@pytest.mark.parametrize("how", ["devices", "torchrun"])
+def test_a_dry_run_on_two_devices_or_ranks_projects_the_makespan(
+    how, frags, three_models, tmp_path, one_thread, monkeypatch, capsys
+):
     out = tmp_path / "dry"
-    assert (
-        main(argv(frags, out, three_models, "--dry-run", "--max-windows", "4", "--devices", "cpu,cpu")) == 0
-    )
+    extra = ["--dry-run", "--max-windows", "4"]
+    if how == "devices":
+        extra += ["--devices", "cpu,cpu"]
+    else:  # torchrun's variables, as two ranks see them: rank 1 leaves the dry run to rank 0
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        assert main(argv(frags, out, three_models, *extra)) == 0
+        assert "rank 1 of 2: the dry run is rank 0's" in capsys.readouterr().out
+        assert not (out / "report.json").exists()
+        monkeypatch.setenv("RANK", "0")
+    assert main(argv(frags, out, three_models, *extra)) == 0
     report = report_of(out)
     total = sum(m["projection"]["projected_hours"] for m in report["models"])
     # the longest of two shares: at least half the work, less than all of it (several units to share)
