@@ -24,7 +24,7 @@ find_one() { # find_one WHAT FILE...: the one folder holding the given paths, or
 
 main() {
   shopt -s nullglob
-  local bundle manifest manifests weights first hits
+  local bundle manifest manifests weights first hits gpus
   bundle="$(find_one "ink_infer-*.whl (the bundle from build_wheels.sh)" \
     "$INPUT"/*/ink_infer-*.whl "$INPUT"/datasets/*/*/ink_infer-*.whl)"
   echo "bundle:  $bundle ($(cd "$bundle" && echo ink_infer-*.whl))"
@@ -33,7 +33,8 @@ main() {
   # --force-reinstall: an ink_infer already installed (an earlier bundle of the same version, a stale editable
   # install) would otherwise "satisfy" the requirement and the bundle's code would not run.
   "$PYTHON" -m pip install -q --no-index --no-deps --force-reinstall --find-links "$bundle" ink_infer
-  "$PYTHON" -c 'import torch, timm, numpy, tifffile, cv2, scipy, tqdm' ||
+  # the dependencies import, and torch counts the GPUs (one interpreter: torch takes seconds to import)
+  gpus="$("$PYTHON" -c 'import torch, timm, numpy, tifffile, cv2, scipy, tqdm; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')" ||
     { echo "error: a dependency of ink_infer is missing from this image (see above); add its wheel with build_wheels.sh --extra" >&2; exit 2; }
   "$PYTHON" -c 'import ink_infer, sys; print("python: ", sys.executable, sys.version.split()[0]); print("package:", ink_infer.__file__, ink_infer.__version__)'
 
@@ -66,10 +67,9 @@ main() {
   local manifest_arg=()
   if [[ ${#manifests[@]} -gt 0 && "$(dirname "$manifest")" != "$weights" ]]; then manifest_arg=(--manifest "$manifest"); fi
 
-  local extra=() gpus
+  local extra=()
   read -r -a extra <<<"$SUBMIT_ARGS"
   # "GPU T4 x2": one worker per GPU (the same submission bytes as one GPU, in about half the time)
-  gpus="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')"
   if [[ "$gpus" -ge 2 ]]; then extra=(--devices all ${extra[@]+"${extra[@]}"}); fi
   echo "gpus:    $gpus"
   cd "$WORKING"

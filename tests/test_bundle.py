@@ -236,11 +236,14 @@ def test_notebook_runs_the_shared_commands_verbatim() -> None:
 
 
 def _fake_python(tmp_path: Path) -> Path:
-    """A PYTHON for the notebook's commands that logs pip and submit calls instead of running them."""
+    """A PYTHON for the notebook's commands that logs pip and submit calls instead of running them, and answers
+    the dependency check with ``$GPUS`` GPUs (0 unless set) instead of importing torch (whose imports are tested
+    with the wheel's requirements)."""
     fake = tmp_path / "fake_python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
         'echo "$*" >>"$LOG"\n'
+        'if [[ "$1" == -c && "$2" == *device_count* ]]; then echo "${GPUS:-0}"; exit 0; fi\n'
         'if [[ "$1" == -c ]]; then PYTHONPATH="$REPO" exec "$REAL" "$@"; fi\n'
         'if [[ "$2" == ink_infer.submit ]]; then printf "Id,Predicted\\na,1 2\\n" >"$WORKING/submission.csv"; fi\n'
     )
@@ -264,9 +267,10 @@ def test_notebook_commands_find_bundle_and_weights(tmp_path: Path, mount: str, n
     (root / "logdir/fold0").mkdir(parents=True)
     (root / "logdir/fold0/best_fbeta.ckpt").write_bytes(b"")
     log = tmp_path / "log"
+    gpus = 2 if nested else 1  # "GPU T4 x2" in half the cases, "GPU T4" in the others
     env = clean_env(
         INPUT=str(inp), WORKING=str(work), PYTHON=str(_fake_python(tmp_path)), LOG=str(log),
-        REAL=sys.executable, REPO=str(REPO),
+        REAL=sys.executable, REPO=str(REPO), GPUS=str(gpus),
     )  # fmt: skip
     with open(KAGGLE / "notebook_commands.sh") as script:
         proc = subprocess.run(
@@ -279,7 +283,8 @@ def test_notebook_commands_find_bundle_and_weights(tmp_path: Path, mount: str, n
     )
     # the README's command; the manifest is named only when the run would not find it beside the weights
     submit = f"-m ink_infer.submit --data {inp} --weights {root} --out {work}"
-    assert submit + (f" --manifest {weights}/weights_manifest.json" if nested else "") in calls
+    submit += f" --manifest {weights}/weights_manifest.json" if nested else ""
+    assert submit + (" --devices all" if gpus == 2 else "") in calls  # one worker per GPU on a T4 x2
 
 
 def test_notebook_commands_find_weights_without_a_manifest_by_the_packaged_one(tmp_path: Path) -> None:

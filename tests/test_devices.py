@@ -329,7 +329,8 @@ def test_sigterm_to_the_parent_stops_every_worker_and_the_rerun_resumes_identica
     spawned = json.loads((out / "parts" / "worker_1_cpu_.json").read_text())
     assert spawned["status"] == "interrupted"
 
-    assert main(argv(frags, out, three_models, "--devices", "cpu,cpu")) == 0  # the rerun, queue and all
+    # the rerun, here in one process: the partials do not depend on who computed them
+    assert main(argv(frags, out, three_models)) == 0
     assert (out / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
     assert report_of(out)["partials"]["reused"]  # what was saved before the stop is not computed again
 
