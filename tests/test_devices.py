@@ -256,6 +256,26 @@ def test_a_model_failing_in_one_worker_is_computed_by_no_other_and_is_not_lost(
     assert lost and {m for m, _ in lost} == {"m25d"}
 
 
+def test_claims_are_taken_once_and_an_unwritable_folder_falls_back_to_the_planned_units(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from ink_infer.claims import Claims
+
+    def unit(model: str, uid: str):
+        return SimpleNamespace(model=SimpleNamespace(name=model), fragment=SimpleNamespace(id=uid))
+
+    mine, theirs = unit("m", "b@0-16"), unit("m", "b 0-16")  # one safe_name, two units
+    Claims.reset(tmp_path / "q")
+    one, two = Claims(tmp_path / "q", "one"), Claims(tmp_path / "q", "two")
+    assert one.take(mine) and not two.take(mine) and not one.take(mine)
+    assert two.free(theirs) and two.take(theirs) and not one.free(theirs)
+    assert sorted(one.holders().values()) == ["one", "two"]
+    (tmp_path / "file").write_text("")  # a folder that cannot hold claims (a full disk fails alike, ENOSPC)
+    stuck = Claims(tmp_path / "file", "three", own={("m", "b@0-16")})
+    assert stuck.take(mine) and not stuck.take(theirs) and stuck.free(mine) and not stuck.free(theirs)
+    assert "computes its planned units only" in caplog.text
+
+
 def test_parts_then_merge_give_the_single_process_bytes_and_a_missing_part_is_named(
     frags, three_models, single, tmp_path, capsys
 ):
