@@ -1,7 +1,7 @@
 """Speed-up of ``--devices cpu,cpu`` (two worker processes, one thread each) over one worker of one thread, on the
 demo's two small trained models over a synthetic test set, in one run of this script.
 
-    python benchmarks/workers_speedup.py [--size 1024x1024] [--fragments 2] [--unit-windows 256] [--repeats 1]
+    python benchmarks/workers_speedup.py [--size 2048x2048] [--fragments 2] [--unit-windows 256] [--repeats 1]
 
 Both sides go through ``pipeline.run`` with ``--fresh`` (no partial reused) and the same ``--unit-windows`` (the
 same units): the baseline is this process with one torch thread (no worker start-up to pay: the comparison
@@ -30,7 +30,11 @@ from ink_infer.synthetic import write_dataset  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="1024x1024")
+    ap.add_argument(
+        "--size",
+        default="2048x2048",
+        help="each fragment; smaller jobs weigh the spawned worker's ~7 s of imports more",
+    )
     ap.add_argument("--fragments", type=int, default=2)
     ap.add_argument(
         "--unit-windows",
