@@ -53,10 +53,9 @@ class PredictStats:
     oom_retries: int = 0
     batches: int = 0
     first_batch_s: float = 0.0  # wall time of the first batch (warm-up: cudnn autotuning, allocator growth)
-    setup_s: float = (
-        0.0  # from the start to the first batch: the first slab (a tile's height of rows) read and
-    )
-    # prepared, once per pass, where every later slab is a stride's height
+    # from the start to the first batch: the first slab (a tile's height of rows) read and prepared, once per
+    # pass, where every later slab is a stride's height
+    setup_s: float = 0.0
     batch_ms_per_window: list[float] | None = None  # timed passes (dry runs): each batch's ms per window
 
 

@@ -270,12 +270,15 @@ class WorkerJob:
         _, items = plan_run(fragments, stride=self.inputs.stride, tta=self.inputs.tta,
                             unit_windows=self.inputs.unit_windows)  # fmt: skip
         models = [(spec, self.inputs.weights[spec.name]) for spec in manifest.models]
-        return Share(self.label, self.device, *own_and_spare(models, items, {(m, u) for m, u in self.units}))
+        return Share(self.label, self.device, *own_and_spare(models, items, self.planned))
+
+    @property
+    def planned(self) -> set[tuple[str, str]]:
+        """The (model name, unit id) pairs of its planned share."""
+        return {(m, u) for m, u in self.units}
 
     def claims_view(self) -> Claims | None:
-        return (
-            None if self.claims is None else Claims(self.claims, self.label, {(m, u) for m, u in self.units})
-        )
+        return None if self.claims is None else Claims(self.claims, self.label, self.planned)
 
 
 def worker_main(job: WorkerJob) -> None:
@@ -322,8 +325,9 @@ def run_workers(
         part_path(job.out, job.label).unlink(
             missing_ok=True
         )  # a part report of an earlier run is not this one's
-    for root in {job.claims for job in jobs if job.claims is not None}:
-        Claims.reset(root)
+    queue = jobs[0].claims  # one folder for the run's workers, or None
+    if queue is not None:
+        Claims.reset(queue)
     spawned = list(jobs[1:] if here is not None else jobs)
     procs = [ctx.Process(target=worker_main, args=(job,), name=job.label) for job in spawned]
     for p in procs:
@@ -337,9 +341,14 @@ def run_workers(
         _wait(procs, stop)
         raise
     _wait(procs, stop)
-    parts = own + [_reported(job, p, jobs) for job, p in zip(spawned, procs, strict=True)]
-    for root in {job.claims for job in jobs if job.claims is not None}:
-        shutil.rmtree(root, ignore_errors=True)  # claims decide who computes, never a resumed run's work
+    written = read_parts(jobs[0].out)
+    holders = None if queue is None else Claims(queue, "").holders()
+    everyone = [u for job in jobs for u in job.units]
+    parts = own + [
+        _reported(job, p, written, everyone, holders) for job, p in zip(spawned, procs, strict=True)
+    ]
+    if queue is not None:
+        shutil.rmtree(queue, ignore_errors=True)  # claims decide who computes, never a resumed run's work
     return parts
 
 
@@ -362,15 +371,13 @@ def _wait(procs, stop: StopRequest) -> None:
             p.join()
 
 
-def _reported(job: WorkerJob, p, jobs: Sequence[WorkerJob]) -> PartReport:
-    """A finished worker's part report, with its exit code and the units it lost: those it took and did not
-    finish, and (with a shared queue) those planned for it that no worker took. The units of a model that
-    failed or was skipped there are not lost: that model joins the ensemble nowhere."""
-    parts = [r for r in read_parts(job.out) if r.label == job.label]
-    report = parts[0] if parts else PartReport(job.label, job.device)  # died before its first word
+def _reported(job: WorkerJob, p, written: Sequence[PartReport], everyone, holders) -> PartReport:
+    """A finished worker's part report (from ``written``, the run's part reports), with its exit code and the
+    units it lost (``lost_units``, over ``everyone``'s planned units and the queue's ``holders``)."""
+    mine = [r for r in written if r.label == job.label]
+    report = mine[0] if mine else PartReport(job.label, job.device)  # died before its first word
     report.exitcode = p.exitcode
-    holders = None if job.claims is None else Claims(job.claims, job.label).holders()
-    report.lost = lost_units(report, job.units, [u for j in jobs for u in j.units], holders)
+    report.lost = lost_units(report, job.units, everyone, holders)
     if p.exitcode and report.status in ("running", "ok"):  # it died without a word: killed, or crashed
         why = signal_name(-p.exitcode) if p.exitcode < 0 else f"exit code {p.exitcode}"
         report.status, report.error, report.error_kind = "failed", f"the worker died ({why})", "died"

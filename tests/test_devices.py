@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ink_infer.claims import claim_name
+from ink_infer.claims import Claims, claim_name
 from ink_infer.fragments import find_fragments
 from ink_infer.manifest import load_manifest
 from ink_infer.partials import PartialStore
@@ -136,13 +136,12 @@ class Queue:
 
     def __init__(self, frags: Path, manifest: Path, out: Path, monkeypatch) -> None:
         import ink_infer.model_run as model_run
-        from ink_infer.claims import Claims
         from ink_infer.pipeline import _settings
         from ink_infer.runtime import start_runtime
         from ink_infer.submit import build_parser, config_from_args
         from ink_infer.workers import plan_shares
 
-        self.out, self.Claims = out, Claims
+        self.out = out
         self.cfg = config_from_args(build_parser().parse_args(argv(frags, out, manifest)))
         self.runtime = start_runtime("cpu", gpu_mem_gb=self.cfg.budget.gpu_mem_gb)
         _, self.items = plan_run(
@@ -169,7 +168,7 @@ class Queue:
         with StopRequest() as stop:
             return compute_share(share, ModelRunOptions(tta=self.cfg.tta), self.runtime, stop=stop, store=self.store,
                                  eta=None, out=self.out,
-                                 claims=self.Claims(self.root, share.label, {tuple(u) for u in share.units}))  # fmt: skip
+                                 claims=Claims(self.root, share.label, {tuple(u) for u in share.units}))  # fmt: skip
 
 
 def ran(part) -> list[tuple[str, list[str]]]:
@@ -203,7 +202,7 @@ def test_a_worker_takes_the_rest_of_the_others_shares_from_their_end_and_the_byt
     spec, weights, its = q.shares[0].models[
         0
     ]  # worker 0 started on its first unit before worker 1 came to it
-    q.Claims(q.root, "worker 0").take(Unit(spec, weights, its[0]))
+    Claims(q.root, "worker 0").take(Unit(spec, weights, its[0]))
     one = q.run(1)
     expected = groups(q.shares[1].models) + [
         (n, [u for u in ids if (n, u) != (spec.name, its[0].id)]) for n, ids in spare
@@ -247,7 +246,7 @@ def test_a_model_failing_in_one_worker_is_computed_by_no_other_and_is_not_lost(
     zero = q.run(0)
     assert zero.models == [] and q.loads == []
     # none of the units it took is lost: they are done, or of the model that joins the ensemble nowhere
-    holders = q.Claims(q.root, "").holders()
+    holders = Claims(q.root, "").holders()
     everyone = [u for share in q.shares for u in share.units]
     assert lost_units(one, q.shares[1].units, everyone, holders) == []
     # while a unit it took of a model that did not fail is lost when it is not finished
@@ -258,8 +257,6 @@ def test_a_model_failing_in_one_worker_is_computed_by_no_other_and_is_not_lost(
 
 def test_claims_are_taken_once_and_an_unwritable_folder_falls_back_to_the_planned_units(tmp_path, caplog):
     from types import SimpleNamespace
-
-    from ink_infer.claims import Claims
 
     def unit(model: str, uid: str):
         return SimpleNamespace(model=SimpleNamespace(name=model), fragment=SimpleNamespace(id=uid))
