@@ -54,11 +54,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ink_infer.config import ModelSpec
+from ink_infer.engine.windows import normalize_windows
 from ink_infer.errors import UserError
 from ink_infer.manifest import load_manifest
-from ink_infer.models import build_model, normalize_windows
+from ink_infer.models import build_model
 from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
-from ink_infer.runtime import keep_freed_memory, resolve_device
+from ink_infer.run.runtime import keep_freed_memory, resolve_device
 from training.augment import mix_batch
 from training.data import (
     FOLD_VALID,

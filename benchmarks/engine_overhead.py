@@ -7,7 +7,7 @@ same synthetic fragment at stride 32 with scheduled TTA:
 - naive: the reference's way. The fragment is pre-cut into 32 x 32 float32 ``.npy`` patches on disk (as the team's
   notebook did); every window is assembled from its 64 patches, normalised, run, upsampled, un-flipped and added
   at full resolution (``tests/naive_loop.py``, shared with the tests);
-- engine: ``ink_infer.predict.predict_fragment`` reading the TIFF slices directly (streamed slabs, windows cut
+- engine: ``ink_infer.engine.predict.predict_fragment`` reading the TIFF slices directly (streamed slabs, windows cut
   from the band, batched).
 Prints windows/s of each, their ratio (goal >= 5x), and how far the two probability maps and thresholded masks agree.
 """
@@ -25,14 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ink_infer.config import ModelSpec  # noqa: E402
-from ink_infer.fragments import Fragment, Volume, load_mask  # noqa: E402
-from ink_infer.predict import predict_fragment  # noqa: E402
-from ink_infer.stitch import finalize  # noqa: E402
-from ink_infer.synthetic import write_dataset  # noqa: E402
-from ink_infer.threshold import binarize  # noqa: E402
-from ink_infer.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins  # noqa: E402
-from tests.naive_loop import naive_predict, reference_patch, saved_patches  # noqa: E402
+from ink_infer.config import ModelSpec
+from ink_infer.engine.predict import PassSettings, Windows, predict_fragment
+from ink_infer.engine.stitch import finalize
+from ink_infer.engine.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
+from ink_infer.synthetic.fragments import write_dataset
+from ink_infer.volumes.fragment import Fragment
+from ink_infer.volumes.masks import load_mask
+from ink_infer.volumes.tiff_stack import Volume
+from tests.naive_loop import binarize, naive_predict, reference_patch, saved_patches  # noqa: E402
 from tests.standins import SampledInputModel  # noqa: E402
 
 
@@ -65,8 +66,8 @@ def main() -> None:
             origins = window_origins(touched)
             t0 = time.perf_counter()
             sum_map, stats = predict_fragment(
-                model, spec, vol, touched, origins, tta_ops(len(origins)), device=torch.device("cpu"),
-                dtype=torch.float32, batch_size=4,
+                model, spec, vol, Windows(touched, origins, tta_ops(len(origins))),
+                PassSettings(torch.device("cpu"), torch.float32, batch_size=4),
             )  # fmt: skip
             engine_s = time.perf_counter() - t0
         count = coverage_blocks(origins, cover_grid(mask.shape), tile_blocks=8)

@@ -14,7 +14,7 @@ with scheduled TTA: its windows (the synthetic fragment's own plan) / windows/s 
 model, eager and compiled, on this GPU; and on Kaggle's T4 (65 TFLOP/s dense fp16) at the same share of the peak
 as measured here (an assumption: the T4's share was never measured).
 
-Phase 2 (``--pipeline-minutes M``): the real pipeline (``ink_infer.pipeline.run``) over that fragment for M
+Phase 2 (``--pipeline-minutes M``): the real pipeline (``ink_infer.run.pipeline.run``) over that fragment for M
 minutes of budget, as before (the budget check skips what would end past it; skipped models are projected from
 their fold twin). Writes OUT/gpu_ensemble.json. Runs on the CPU too, for a smoke test
 (``--size 640x640 --models 2 --windows 8``).
@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ink_infer.config import Budget, RunConfig  # noqa: E402
-from ink_infer.manifest import load_manifest  # noqa: E402
-from ink_infer.models import build_model  # noqa: E402
-from ink_infer.pipeline import run  # noqa: E402
-from ink_infer.summary import format_table  # noqa: E402
-from ink_infer.synthetic import write_dataset  # noqa: E402
+from ink_infer.config import Budget, RunConfig
+from ink_infer.manifest import load_manifest
+from ink_infer.models import build_model
+from ink_infer.outputs.summary import format_table
+from ink_infer.run.pipeline import run
+from ink_infer.synthetic.fragments import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 FP16_DENSE_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "T4": 65e12, "P100": 18.7e12}
@@ -98,9 +98,9 @@ def config_rows(
     specs, device, dtype, *, mode: str, deadline: float, reps: int, windows: int | None
 ) -> list[dict]:
     """Phase 1: one row per config (the first spec of each), eager and compiled."""
-    from ink_infer.compiling import compile_model
-    from ink_infer.model_run import load_model
-    from ink_infer.tuning import tune
+    from ink_infer.engine.compiling import compile_model
+    from ink_infer.engine.tuning import tune
+    from ink_infer.run.model_run import load_model
 
     rows, seen = [], set()
     peak = peak_flops(device)
@@ -187,9 +187,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     import logging
 
-    from ink_infer.compiling import use_cache_under
-    from ink_infer.fragments import find_fragments
-    from ink_infer.plan import plan_fragment
+    from ink_infer.engine.compiling import use_cache_under
+    from ink_infer.run.plan import plan_fragment
+    from ink_infer.volumes.discovery import find_fragments
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     t_start = time.perf_counter()
@@ -240,9 +240,10 @@ def main() -> None:
         cfg = RunConfig(
             data=comp, out=args.out, manifest=sub, allow_random_weights=True, quiet=True, previews=False,
             budget=Budget(hours=args.pipeline_minutes / 60, safety_margin=0.0), compile="auto",
+            fresh=True,  # measure, never reuse partials of an earlier run
         )  # fmt: skip
         t_run = time.perf_counter()
-        report = run(cfg, fresh=True).as_dict()  # measure, never reuse partials of an earlier run
+        report = run(cfg).as_dict()
         summary["pipeline"] = summarize(
             report, flops, peak_flops(device), time.perf_counter() - t_run, args.out
         )

@@ -29,12 +29,12 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 import numpy as np, torch
 from ink_infer.config import ModelSpec
-from ink_infer.fragments import Fragment, Volume, load_mask
-from ink_infer.predict import predict_fragment
-from ink_infer.rle import rle_encode
-from ink_infer.stitch import finalize
-from ink_infer.threshold import binarize
-from ink_infer.tiling import coverage_blocks, touched_blocks, tta_ops, window_origins
+from ink_infer.volumes.discovery import Fragment, Volume, load_mask
+from ink_infer.engine.predict import PassSettings, Windows, predict_fragment
+from ink_infer.outputs.rle import rle_encode
+from ink_infer.engine.stitch import finalize
+from ink_infer.engine.tiling import coverage_blocks, touched_blocks, tta_ops, window_origins
+from tests.naive_loop import binarize
 from tests.standins import PooledInputModel
 torch.set_num_threads(2)
 """
@@ -47,8 +47,8 @@ with Volume(frag) as vol:
     mask, _ = load_mask(frag, (vol.height, vol.width))
     touched = touched_blocks(mask)
     origins = window_origins(touched)
-    sum_map, stats = predict_fragment(PooledInputModel(), spec, vol, touched, origins, tta_ops(len(origins)),
-                                      device=torch.device("cpu"), dtype=torch.float32, batch_size=4)
+    sum_map, stats = predict_fragment(PooledInputModel(), spec, vol, Windows(touched, origins, tta_ops(len(origins))),
+                                      PassSettings(torch.device("cpu"), torch.float32, batch_size=4))
 prob = finalize(sum_map, coverage_blocks(origins, touched.shape, tile_blocks=8), mask)
 del sum_map
 ink, _ = binarize(prob, mask, 0.93)
@@ -85,7 +85,16 @@ def main() -> None:
     comp = data / "vesuvius-challenge-ink-detection"
     if not (comp / "sample_submission.csv").exists():
         subprocess.run(
-            [sys.executable, "-m", "ink_infer.synthetic", str(data), "--train", "0", "--test", f"a:{h}x{w}"],
+            [
+                sys.executable,
+                "-m",
+                "ink_infer.synthetic.fragments",
+                str(data),
+                "--train",
+                "0",
+                "--test",
+                f"a:{h}x{w}",
+            ],
             check=True,
         )
     frag = comp / "test" / "a"

@@ -28,7 +28,7 @@ DRIVER = """
 import resource, sys
 sys.path.insert(0, {root!r})
 import torch
-from ink_infer import model_run
+from ink_infer.run import model_run
 from ink_infer.submit import main
 from tests.standins import SampledInputModel
 torch.set_num_threads(2)
@@ -62,12 +62,12 @@ def main() -> None:
     args = parser.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     sys.path.insert(0, str(ROOT))
-    from ink_infer.synthetic import write_segment
+    from ink_infer.synthetic.fragments import write_segment
 
     seg = args.work / f"segments_{h}x{w}" / "s"
     if not (seg / "layers" / "64.tif").is_file():
         t0 = time.perf_counter()
-        write_segment(seg.parent, "s", height=h, width=w, seed=3)
+        write_segment(seg.parent, "s", shape=(h, w), seed=3)
         print(f"wrote {seg} in {time.perf_counter() - t0:.0f} s")
     on_disk = sum(f.stat().st_size for f in (seg / "layers").iterdir())
     manifest = args.work / "manifest.json"

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ink_infer.manifest import load_manifest  # noqa: E402
-from ink_infer.models import build_model  # noqa: E402
-from ink_infer.models.swin_attention import freeze_window_bias  # noqa: E402
+from ink_infer.manifest import load_manifest
+from ink_infer.models import build_model
+from ink_infer.models.swin_attention import freeze_window_bias
 
 ROOT = Path(__file__).resolve().parents[1]
 

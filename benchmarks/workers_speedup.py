@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ink_infer.config import RunConfig  # noqa: E402
-from ink_infer.manifest import DEMO_MANIFEST  # noqa: E402
-from ink_infer.pipeline import run  # noqa: E402
-from ink_infer.synthetic import write_dataset  # noqa: E402
+from ink_infer.config import RunConfig
+from ink_infer.manifest import DEMO_MANIFEST
+from ink_infer.run.pipeline import run
+from ink_infer.synthetic.fragments import write_dataset
 
 
 def main() -> None:
@@ -57,10 +57,10 @@ def main() -> None:
                 out = tmp / f"{devices}-{r}"
                 cfg = RunConfig(data=data, out=out, manifest=DEMO_MANIFEST, weights=DEMO_MANIFEST.parent,
                                 devices=tuple(devices.split(",")), quiet=True, previews=False,
-                                unit_windows=args.unit_windows)  # fmt: skip
+                                unit_windows=args.unit_windows, fresh=True)  # fmt: skip
                 torch.set_num_threads(1 if devices == "cpu" else threads)
                 t0 = time.perf_counter()
-                report = run(cfg, fresh=True)
+                report = run(cfg)
                 timings[devices].append(time.perf_counter() - t0)
                 if devices == "cpu,cpu":
                     secs = [p.seconds for p in report.parts]

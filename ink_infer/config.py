@@ -1,28 +1,22 @@
 """Small frozen values that travel through the pipeline: one model's spec, the threshold, the run's options.
 
-Validation happens here, with messages a user can act on (raised as ``UserError``).
-"""
+Validation happens here, with messages a user can act on (raised as ``UserError``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ink_infer.errors import UserError
+from ink_infer.geometry import WIDTH_DEFAULTS
+from ink_infer.schema import CLI_NUMBERS, THRESHOLD_FIELDS, Invalid, check_field
+from ink_infer.volumes.segments import LayerChoice
 
-N_SLICES = 65  # surface volumes hold slices 00.tif .. 64.tif
-BLOCK = 32  # the reference cuts fragments into 32 x 32 blocks; window origins and strides live on this grid
-ARCHS = ("2.5d", "csn3d")
-# Window-origin rows per streamed band at most: a power of two, so a multiple of every band's rows
-# (``stream.rows_per_band_for``); ``plan.split_rows`` cuts fragments at its multiples.
-MAX_ROWS_PER_BAND = 16
-# A fragment with more pixels is "large": its units are row ranges of at most this many pixels (``plan.split_rows``),
-# their sums go through the partials on disk, and its ensemble map lives in a file (``raster.py``). 256 MiB as
-# float32: Kaggle's fragments 1 and 3 stay whole and in memory; fragment 2 (141 M px) and scroll segments do not.
-LARGE_PIXELS = 2**26
-# The reference models' widths, and which arch each optional width key belongs to.
-WIDTH_DEFAULTS = {"dim": 512, "base_channels": 64, "head_dim": 512}
-WIDTH_ARCH = {"dim": "2.5d", "base_channels": "csn3d", "head_dim": "csn3d"}
+# The choices of the options with a fixed list (the CLI's ``choices=`` and ``RunConfig``'s checks)
+TTA_MODES = ("none", "scheduled", "full")  # flip TTA: none, the reference's one flip per window, all four
+COMPILE_MODES = ("none", "default", "max-autotune", "auto")  # --compile (engine.compiling)
+ROTATIONS = (0, 90, 180, 270)  # --rotate, degrees counterclockwise
+ON_MODEL_ERROR = ("skip", "fail")
 
 
 @dataclass(frozen=True)
@@ -93,8 +87,6 @@ class ThresholdSpec:
     region: str = "covered"
 
     def __post_init__(self) -> None:
-        from .schema import THRESHOLD_FIELDS, Invalid, check_field
-
         try:
             for key, rule in THRESHOLD_FIELDS.items():
                 check_field(rule, getattr(self, key), "threshold", key)
@@ -123,7 +115,8 @@ class RunConfig:
     device: str = "auto"
     stride: int = 32
     tta: str = "scheduled"  # none | scheduled | full
-    threshold: ThresholdSpec | None = None  # None: the manifest's
+    threshold_percentile: float | None = None  # --threshold; None: the manifest's
+    threshold_region: str | None = None  # --threshold-region; None: the manifest's
     dry_run: bool = False
     max_windows: int = 64
     scale_to: tuple[tuple[int, int], ...] = ()
@@ -144,6 +137,7 @@ class RunConfig:
     partials: Path | None = None  # --partials DIR; None: OUT/partials
     keep_partials: bool = True  # False: delete the partials after a successful submission (Kaggle's default)
     require_hashes: bool = False  # refuse weight files the manifest gives no sha256 for
+    fresh: bool = False  # --fresh: compute everything, ignoring partials of earlier runs (still written)
     progress_every: float = 60.0  # seconds between progress lines when stderr is not a terminal
     argv: tuple[str, ...] = ()  # the command line, for report.json
     layers: tuple[int, int] | None = None  # --layers START:STOP of a segment's stack; None: the middle 65
@@ -159,9 +153,14 @@ class RunConfig:
 
     @property
     def layer_choice(self):
-        from .segments import LayerChoice
-
         return LayerChoice(self.layers, self.reverse_layers)
+
+    def threshold_over(self, manifests: ThresholdSpec) -> ThresholdSpec:
+        """The run's threshold: the manifest's, with what --threshold and --threshold-region say instead."""
+        return ThresholdSpec(
+            manifests.percentile if self.threshold_percentile is None else self.threshold_percentile,
+            manifests.region if self.threshold_region is None else self.threshold_region,
+        )
 
     @property
     def partials_dir(self) -> Path:
@@ -169,8 +168,6 @@ class RunConfig:
         return self.partials if self.partials is not None else self.out / "partials"
 
     def __post_init__(self) -> None:
-        from .schema import CLI_NUMBERS, Invalid, check_field
-
         numbers = {"--stride": self.stride, "--max-windows": self.max_windows, "--batch-size": self.batch_size,
                    "--budget-hours": self.budget.hours, "--host-mem-gb": self.budget.host_mem_gb,
                    "--gpu-mem-gb": self.budget.gpu_mem_gb, "--max-nonfinite": self.max_nonfinite,
@@ -182,12 +179,11 @@ class RunConfig:
                     check_field(CLI_NUMBERS[option], value, "argument", option)
         except Invalid as e:
             raise UserError(str(e)) from None
-        if self.rotate not in (0, 90, 180, 270):
-            raise UserError(f"--rotate {self.rotate}: expected 0, 90, 180 or 270")
-        if self.tta not in ("none", "scheduled", "full"):
-            raise UserError(f"--tta {self.tta!r}: expected none, scheduled or full")
-        if self.compile not in ("none", "default", "max-autotune", "auto"):
-            raise UserError(f"--compile {self.compile!r}: expected none, default, max-autotune or auto")
+        for option, value, choices in (("--rotate", self.rotate, ROTATIONS), ("--tta", self.tta, TTA_MODES),
+                                       ("--compile", self.compile, COMPILE_MODES),
+                                       ("--on-model-error", self.on_model_error, ON_MODEL_ERROR)):  # fmt: skip
+            if value not in choices:
+                raise UserError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device {self.device!r}: expected auto, cpu or cuda")
         if self.part_id >= self.num_parts:

@@ -26,10 +26,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .config import N_SLICES, WIDTH_ARCH, ModelSpec, ThresholdSpec
-from .errors import UserError
-from .schema import MODEL_FIELDS, NULLABLE_MODEL_KEYS, THRESHOLD_FIELDS, Invalid, check_field
+from ink_infer.config import ModelSpec, ThresholdSpec
+from ink_infer.errors import UserError
+from ink_infer.geometry import N_SLICES, WIDTH_ARCH
+from ink_infer.outputs.atomic import atomic_write_text
+from ink_infer.schema import MODEL_FIELDS, NULLABLE_MODEL_KEYS, THRESHOLD_FIELDS, Invalid, check_field
 
 TOP_KEYS = {"format", "name", "threshold", "models"}
 REQUIRED_MODEL_KEYS = {"name", "arch", "in_chans", "z_range", "tile", "file", "sha256"}
@@ -181,20 +182,6 @@ def find_weights(spec: ModelSpec, weights_dir: Path | None) -> Path | None:
     if root != path and root not in path.parents:
         raise UserError(f"{spec.file}: resolves to {path}, outside --weights {root}")
     return path if path.is_file() else None
-
-
-def resolve_weights(spec: ModelSpec, weights_dir: Path | None) -> Path:
-    """Path of ``spec.file`` under ``weights_dir``, confined to it; ``UserError`` naming what is missing."""
-    if spec.file is None:
-        raise UserError(
-            f"model {spec.name!r}: no weights file in the manifest (use --allow-random-weights for dry runs)"
-        )
-    if weights_dir is None:
-        raise UserError(f"model {spec.name!r}: needs --weights DIR holding {spec.file}")
-    path = find_weights(spec, weights_dir)
-    if path is None:
-        raise UserError(f"{Path(weights_dir) / spec.file}: weights for model {spec.name!r} not found")
-    return path
 
 
 def sha256_file(path: Path) -> str:

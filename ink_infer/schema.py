@@ -3,7 +3,10 @@
 Each rule checks a value's type and range and returns it (ints as int, reals as float); a value that breaks it
 raises ``Invalid`` with what was expected, which the caller turns into a one-line ``UserError`` naming the field
 or option. Booleans are never numbers here (JSON ``true`` is not a tile size), NaN and infinity never reals.
-The tables below are the whole schema: a field or option not in them is not checked anywhere else.
+The tables below hold the rule of every manifest field and every CLI number. Rules across fields live with the
+values they relate: a manifest entry's (``z_range`` within the slices, widths only for their arch) in
+``manifest.py``, the run's (``--part-id`` below ``--num-parts``, options that exclude each other) in
+``config.RunConfig``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .config import ARCHS, BLOCK, N_SLICES
+from ink_infer.geometry import ARCHS, BLOCK, N_SLICES
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -144,9 +147,10 @@ MODEL_FIELDS: dict[str, Rule] = {
 NULLABLE_MODEL_KEYS = {"crop", "backbone", "depth", "stage_blocks", "dim", "base_channels", "head_dim", "file",
                        "sha256", "size"}  # fmt: skip
 
+THRESHOLD_REGIONS = ("covered", "mask")  # the pixels the threshold's quantile is taken over
 THRESHOLD_FIELDS: dict[str, Rule] = {
     "percentile": Real(lo=0.0, hi=1.0),
-    "region": Text(choices=("covered", "mask")),
+    "region": Text(choices=THRESHOLD_REGIONS),
 }
 
 # The CLI's numbers (``None``: the option's default, e.g. automatic batch size).

@@ -20,18 +20,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import Budget, RunConfig, ThresholdSpec
-from .errors import DeviceError, ModelRunError, UserError
-from .manifest import DEMO_MANIFEST, default_manifest
-from .preflight import check_arguments
-from .schema import cli_type
-from .segments import parse_layers
-from .summary import TABLE, format_table, format_verdicts, table_rows
+from ink_infer.config import (
+    COMPILE_MODES,
+    ON_MODEL_ERROR,
+    ROTATIONS,
+    TTA_MODES,
+    Budget,
+    RunConfig,
+)
+from ink_infer.errors import DeviceError, ModelRunError, UserError
+from ink_infer.manifest import DEMO_MANIFEST, default_manifest
+from ink_infer.outputs.summary import TABLE, format_table, format_verdicts, table_rows
+from ink_infer.run.preflight import check_arguments
+from ink_infer.schema import THRESHOLD_REGIONS, cli_type
+from ink_infer.synthetic.demo import demo_scores, make_demo_data
+from ink_infer.volumes.segments import parse_layers
 
 log = logging.getLogger("ink_infer")
-
-DEMO_TEST = (("a", 576, 768), ("b", 512, 704))  # a few lines of letters each: scores vary less
-DEMO_SEED = 20230614  # not a training seed: the demo scores held-out fragments
 
 USAGE = "python -m ink_infer.submit --data DIR --weights DIR [--out DIR] [options]   (--demo: no data needed)"
 EXAMPLES = """\
@@ -104,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Vesuvius ink detection: the 2nd-place ensemble over every fragment -> submission.csv, "
         "report.json, previews/.",
     )  # fmt: skip
+    for add in (_where_arguments, _compute_arguments, _budget_arguments, _fault_arguments, _output_arguments):
+        add(p)
+    return p
 
+
+def _where_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, metavar="DIR",
                    help="/kaggle/input, the competition folder, a folder of fragments or scroll segments "
                         "(<seg>/layers/*.tif, <seg>.zarr), or one of them")  # fmt: skip
@@ -119,20 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="one worker process per device: all (every GPU), cuda:0,cuda:1, or cpu,cpu "
                         "(default: --device alone)")  # fmt: skip
+
+
+def _compute_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what is computed")
     number_in = _adder(g)
     number_in("--stride", 32, "window stride in pixels: a multiple of 32, at most the smallest model square; "
               "32 is the reference's", metavar="PX")  # fmt: skip
-    g.add_argument("--tta", default="scheduled", choices=["none", "scheduled", "full"],
+    g.add_argument("--tta", default="scheduled", choices=TTA_MODES,
                    help="flip test-time augmentation: scheduled (the reference: one flip per window, cycling), "
                         "full (all four flips per window, 4x the time) or none")  # fmt: skip
     number_in("--threshold", None, "ink where the probability exceeds this quantile (in [0, 1]) of the region's "
               "probabilities (default: the manifest's, 0.93)")  # fmt: skip
-    g.add_argument("--threshold-region", choices=["covered", "mask"], default=None,
+    g.add_argument("--threshold-region", choices=THRESHOLD_REGIONS, default=None,
                    help="pixels the quantile is taken over: covered (mask pixels some window reached; the "
                         "reference) or mask (every mask pixel) (default: the manifest's, covered)")  # fmt: skip
     number_in("--batch-size", None, "windows per forward pass (default: the largest that fits, measured)")
-    g.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "auto"],
+    g.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile each model on the fixed batch shape: default or max-autotune (inductor), "
                         "auto (default on CUDA when Triton and a C compiler are present, else none), or none "
                         "(eager). Outputs differ from eager by float rounding")  # fmt: skip
@@ -141,13 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "65)")  # fmt: skip
     g.add_argument("--reverse-layers", action="store_true",
                    help="scroll segments whose depth runs the other way: the picked layers in reverse order")  # fmt: skip
-    g.add_argument("--rotate", type=int, choices=[0, 90, 180, 270], default=0, metavar="DEGREES",
+    g.add_argument("--rotate", type=int, choices=ROTATIONS, default=0, metavar="DEGREES",
                    help="turn the input counterclockwise by 0, 90, 180 or 270 degrees before inference; the outputs "
                         "are turned back (the Kaggle hidden test was turned 90 degrees from training)")  # fmt: skip
     g.add_argument("--allow-random-weights", action="store_true",
                    help="run entries without a weight file with seeded random init (rehearsals; reported)")  # fmt: skip
     g.add_argument("--require-hashes", action="store_true",
                    help="refuse weight files the manifest gives no sha256 for (default: a warning)")  # fmt: skip
+
+
+def _budget_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dry run and budget")
     number_in = _adder(g)
     g.add_argument("--dry-run", action="store_true",
@@ -161,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     number_in(
         "--gpu-mem-gb", 16.0, "GPU memory the run is held to (batch sizes, the memory cap on bigger cards)"
     )
+
+
+def _fault_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("faults, resume and many devices")
     number_in = _adder(g)
-    g.add_argument("--on-model-error", choices=["skip", "fail"], default="skip",
+    g.add_argument("--on-model-error", choices=ON_MODEL_ERROR, default="skip",
                    help="a model failing mid-run is skipped (recorded in report.json) or ends the run")  # fmt: skip
     number_in("--max-nonfinite", 0.01, "share of a fragment's windows that may give NaN/inf (zeroed, counted) "
               "before the model counts as failed", metavar="FRACTION")  # fmt: skip
@@ -182,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--merge-only", action="store_true",
                    help="build submission.csv from the partials of every part (same arguments otherwise)")  # fmt: skip
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     number_in = _adder(g)
     g.add_argument("--no-previews", action="store_true", help="do not write previews/<id>.png")
@@ -195,7 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
               "notebook cell, a log file)", metavar="SECONDS")  # fmt: skip
     g.add_argument("--demo", action="store_true",
                    help="write a synthetic test set under OUT and run the packaged demo models on it")  # fmt: skip
-    return p
 
 
 def _adder(group):
@@ -237,69 +258,24 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     if data is None:
         raise UserError("--data DIR is required (or --demo)")
     manifest = manifest or default_manifest(weights)
-    threshold = None
-    if args.threshold is not None or args.threshold_region is not None:
-        from .manifest import load_manifest
-
-        base = load_manifest(manifest).threshold
-        threshold = ThresholdSpec(
-            percentile=base.percentile if args.threshold is None else args.threshold,
-            region=args.threshold_region or base.region,
-        )
     partials = args.partials or (kaggle_partials() if on_kaggle() else None)
     keep = args.keep_partials if args.keep_partials is not None else not on_kaggle()
     absolute = lambda p: None if p is None else Path(p).absolute()  # noqa: E731
     return RunConfig(
         data=absolute(data), out=absolute(args.out), manifest=absolute(manifest), weights=absolute(weights),
-        device=args.device, stride=args.stride, tta=args.tta, compile=args.compile, threshold=threshold, dry_run=args.dry_run,
+        device=args.device, stride=args.stride, tta=args.tta, compile=args.compile, threshold_percentile=args.threshold,
+        threshold_region=args.threshold_region, dry_run=args.dry_run,
         max_windows=args.max_windows, scale_to=tuple(parse_size(s) for s in args.scale_to),
         allow_random_weights=allow_random, batch_size=args.batch_size,
         budget=Budget(args.budget_hours, args.host_mem_gb, args.gpu_mem_gb), quiet=args.quiet,
         previews=not args.no_previews, on_model_error=args.on_model_error, max_nonfinite=args.max_nonfinite,
         devices=parse_devices(args.devices), unit_windows=args.unit_windows, num_parts=args.num_parts,
         part_id=args.part_id, merge_only=args.merge_only, partials=absolute(partials), keep_partials=keep,
-        require_hashes=args.require_hashes, progress_every=args.progress_every,
+        require_hashes=args.require_hashes, progress_every=args.progress_every, fresh=args.fresh,
         layers=parse_layers(args.layers), reverse_layers=args.reverse_layers,
         save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps, rotate=args.rotate,
         argv=tuple(sys.argv[:1] + (sys.argv[1:] if argv is None else list(argv))),
     )  # fmt: skip
-
-
-def make_demo_data(out: Path) -> Path:
-    """A small synthetic Kaggle-layout test set under OUT/demo_data (kept if already there)."""
-    from .synthetic import write_dataset
-
-    root = out / "demo_data"
-    comp = root / "vesuvius-challenge-ink-detection"
-    if not (comp / "sample_submission.csv").exists():
-        log.info("writing the synthetic demo test set to %s", root)
-        comp = write_dataset(root, test=DEMO_TEST, seed=DEMO_SEED)
-    return comp
-
-
-def demo_scores(data: Path, out: Path, *, previews: bool = False) -> dict[str, float]:
-    """F0.5 of the submission against the synthetic ground truth (OUT/demo_data/ground_truth/<id>.png).
-
-    ``previews`` also writes OUT/previews/<id>_truth.png (colours: ``previews.TRUTH_LEGEND``)."""
-    import cv2
-
-    from .metrics import fbeta
-    from .previews import write_truth_preview
-    from .rle import read_submission, rle_decode
-
-    scores = {}
-    for frag_id, rle in read_submission(out / "submission.csv"):
-        truth = cv2.imread(str(data.parent / "ground_truth" / f"{frag_id}.png"), cv2.IMREAD_GRAYSCALE)
-        if truth is None:
-            continue
-        ink, truth = rle_decode(rle, truth.shape), truth > 0
-        scores[frag_id] = fbeta(ink, truth)
-        if previews and (out / "previews").is_dir():
-            mask = cv2.imread(str(data / "test" / frag_id / "mask.png"), cv2.IMREAD_GRAYSCALE)
-            if mask is not None:
-                write_truth_preview(out / "previews" / f"{frag_id}_truth.png", ink, truth, mask > 0,
-                                    fragment_id=frag_id, f05=scores[frag_id])  # fmt: skip
-    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,16 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args, argv)
         # torch-free: paths, manifest, stride, weight files, before torch (4-14 s to import) is loaded
-        check_arguments(
+        manifest = check_arguments(
             cfg.data, cfg.manifest, cfg.weights, stride=cfg.stride, allow_random=cfg.allow_random_weights
         )
     except UserError as e:
         return _user_error(e)
-    from . import pipeline  # torch and timm load here, after the arguments are known to be well-formed
-    from .stop import Interrupted
+    from ink_infer.run import pipeline
+    from ink_infer.run.stop import Interrupted
 
     try:
-        report = pipeline.run(cfg, fresh=args.fresh)
+        report = pipeline.run(cfg, manifest)
     except UserError as e:
         return _user_error(e)
     except (ModelRunError, DeviceError) as e:
@@ -361,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo_report(cfg: RunConfig, report) -> None:
     """The demo's F0.5 against the synthetic ground truth: printed, drawn, and recorded in report.json."""
-    from .previews import TRUTH_LEGEND
-    from .results import write_report
+    from ink_infer.outputs.previews import TRUTH_LEGEND
+    from ink_infer.outputs.report import write_report
 
     report.demo_scores = demo_scores(cfg.data, cfg.out, previews=cfg.previews)
     for frag_id, f05 in report.demo_scores.items():

@@ -237,7 +237,7 @@ left="$(find "$WORKING" "$SIM/tmp" -name '*.npz' | head -3)"
 [[ -z "$left" ]] || die "partials left behind after the submission: $left"
 echo "  no partials left in $WORKING, nor in the run's temporary folder"
 
-echo "==== 5/5 check $WORKING/submission.csv with ink_infer.rle.rle_decode"
+echo "==== 5/5 check $WORKING/submission.csv with ink_infer.outputs.rle.rle_decode"
 (cd "$WORKING" && "$VPY" - "$INPUT/vesuvius-challenge-ink-detection" "$SIM/generated/ground_truth" "$VENV" <<'EOF')
 import csv
 import sys
@@ -245,8 +245,8 @@ from pathlib import Path
 
 import cv2
 import ink_infer
-from ink_infer.metrics import fbeta
-from ink_infer.rle import read_submission, rle_decode, rle_encode
+from ink_infer.outputs.metrics import fbeta
+from ink_infer.outputs.rle import read_submission, rle_decode, rle_encode
 
 comp, truth_dir, venv = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]).resolve()
 pkg = Path(ink_infer.__file__).resolve()

@@ -4,16 +4,24 @@ small manifest, stand-in models with injectable faults, one reference run; and t
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
-import pytest
-import torch
+# Under pytest-xdist (the README's test command: two workers on two cores) each worker runs torch on one thread:
+# two workers of two threads each would oversubscribe the cores. Set before torch is imported, so that subprocesses
+# the tests start inherit it too.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from ink_infer import model_run
-from ink_infer.config import ModelSpec
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ink_infer import models
+from ink_infer.config import ModelSpec  # noqa: E402
 from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
-from ink_infer.synthetic import write_dataset
+from ink_infer.run import model_run
+from ink_infer.synthetic.fragments import write_dataset
 from tests.helpers import SHAPES, SMALL_MODELS, run_cli
 from tests.standins import Standin
 
@@ -30,9 +38,13 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture
 def standins(monkeypatch) -> dict[str, dict]:
-    """Stand-in models for this test; set ``standins[name] = {...}`` to inject faults into one model."""
+    """Stand-in models for this test; set ``standins[name] = {...}`` to inject faults into one model. They replace
+    the models the run computes with (``model_run.build_model``) and those the start checks checkpoints against
+    (the registry, ``models.build_model``: a stand-in's checkpoint holds its ``gain``)."""
     faults: dict[str, dict] = {}
-    monkeypatch.setattr(model_run, "build_model", lambda spec: Standin(**faults.get(spec.name, {})))
+    build = lambda spec: Standin(**faults.get(spec.name, {}))  # noqa: E731
+    monkeypatch.setattr(model_run, "build_model", build)
+    monkeypatch.setattr(models, "build_model", build)
     return faults
 
 
@@ -82,3 +94,14 @@ def weights_dir(tmp_path) -> tuple[Path, Path, ModelSpec]:
     path = tmp_path / "weights" / "m25d.ckpt"
     save_checkpoint(standin, path, hyper_parameters_for(spec))
     return tmp_path / "weights", path, spec
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One ``--demo`` run of the session (with every probability map saved), shared by the demo, golden-bytes
+    and API tests (``xdist_group("demo")`` keeps them on one pytest-xdist worker)."""
+    from ink_infer.submit import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["--demo", "--out", str(out), "--quiet", "--save-probabilities", "--save-model-maps"]) == 0
+    return out

@@ -4,9 +4,10 @@ that drive ``submit.main`` in-process and read what it left (fixtures are in con
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from ink_infer.rle import read_submission, rle_decode
+from ink_infer.outputs.rle import read_submission, rle_decode
 from ink_infer.submit import main
 
 SMALL_MODELS = {
@@ -20,6 +21,8 @@ SMALL_MODELS = {
          "tile": 192, "crop": 128, "file": None, "sha256": None},
     ],
 }  # fmt: skip
+# torch threads of the tests that set them: 2 (the machine's cores), 1 under pytest-xdist (a core per worker)
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 SHAPES = {"b": (150, 220), "a": (120, 170)}  # sample_submission order b, a: not sorted
 
 
@@ -61,3 +64,31 @@ def write_manifest(path: Path, change) -> Path:
     change(m)
     path.write_text(json.dumps(m))
     return path
+
+
+def predict_pass(model, spec, volume, touched, origins, ops, *, on_batch=None, **how):
+    """``engine.predict.predict_fragment`` with its windows and settings given loose, as the engine tests vary
+    them one at a time."""
+    from ink_infer.engine.predict import PassSettings, Windows, predict_fragment
+
+    return predict_fragment(
+        model, spec, volume, Windows(touched, origins, ops), PassSettings(**how), on_batch=on_batch
+    )
+
+
+def recorded_demo_maps() -> dict[str, list]:
+    """The demo's probability maps as recorded before the house move (``golden/demo_probabilities.json``):
+    ``{file name: [shape, dtype, sha256 of the pixels]}`` for this process's torch thread count (oneDNN rounds
+    differently with another count); skips the calling test when that count was not recorded."""
+    import pytest
+    import torch
+
+    recorded = json.loads((Path(__file__).parent / "golden" / "demo_probabilities.json").read_text())[
+        "threads"
+    ]
+    threads = str(torch.get_num_threads())
+    if threads not in recorded:
+        pytest.skip(
+            f"the demo's maps were recorded with {' and '.join(recorded)} torch thread(s), not {threads}"
+        )
+    return recorded[threads]

@@ -28,7 +28,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a script run from anywhere, without installing the package
 
-from ink_infer.models import normalize_windows  # noqa: E402
+from ink_infer.engine.windows import normalize_windows  # noqa: E402
 from ink_infer.models.csn3d import InkDetCSN3D  # noqa: E402
 from ink_infer.models.inkdet25d import InkDet25D  # noqa: E402
 

@@ -75,3 +75,26 @@ def naive_predict(
     out = np.zeros((h, w), dtype=np.float32)
     np.divide(p_sum, count, out=out, where=count > 0)
     return out
+
+
+def percentile_threshold(prob: np.ndarray, region: np.ndarray, q: float) -> float | None:
+    """The ``q``-quantile of ``prob[region]`` (``(H, W)`` float32 and bool) as a float, or None when the region is
+    empty: the engine's exact quantile (``threshold.banded_quantile``) over the whole array at once."""
+    from ink_infer.outputs.threshold import banded_quantile
+
+    return banded_quantile(lambda: [prob[region]], q)
+
+
+def binarize(prob: np.ndarray, region: np.ndarray, q: float) -> tuple[np.ndarray, float | None]:
+    """``(H, W)`` bool ink mask of the reference's rule and the threshold used (None: empty region, no ink)."""
+    thr = percentile_threshold(prob, region, q)
+    if thr is None:
+        return np.zeros(prob.shape, dtype=bool), None
+    return (prob > thr) & region, thr
+
+
+def covered_mask(count_blocks: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool: in the mask and covered by at least one window (``count_blocks`` on the cover grid)."""
+    from ink_infer.engine.stitch import covered_piece
+
+    return covered_piece(count_blocks > 0, mask, 0, mask.shape[0], 0, mask.shape[1])

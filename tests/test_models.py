@@ -16,18 +16,20 @@ import torch
 from torch import nn
 
 from ink_infer.config import ModelSpec
+from ink_infer.engine.windows import normalize_windows
 from ink_infer.errors import UserError
 from ink_infer.manifest import load_manifest
-from ink_infer.models import BUILDERS, build_model, normalize_windows
+from ink_infer.models import BUILDERS, build_model
 from ink_infer.models.csn3d import InkDetCSN3D
 from ink_infer.models.inkdet25d import InkDet25D
+from tests.helpers import TEST_THREADS
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "state_dicts"  # ../shared beside the checkout
 GOLDEN = Path(__file__).resolve().parent / "golden"
 FOLD0 = [s for s in load_manifest(ROOT / "weights_manifest.json").models if s.name.endswith("_fold0")]
 
-torch.set_num_threads(2)
+torch.set_num_threads(TEST_THREADS)
 
 
 def logdir_of(spec: ModelSpec) -> str:

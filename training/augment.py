@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from torch import Tensor
 
-from ink_infer.config import BLOCK
+from ink_infer.geometry import BLOCK
 
 FLIP_P, ROT90_P = 0.5, 0.9
 SSR_SHIFT, SSR_SCALE, SSR_ROTATE, SSR_P = 0.0625, 0.2, 15.0, 0.9

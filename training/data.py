@@ -15,10 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ink_infer.config import BLOCK, N_SLICES, ModelSpec
+from ink_infer.config import ModelSpec
+from ink_infer.engine.tiling import blocks_of, image_of, touched_blocks
 from ink_infer.errors import UserError
-from ink_infer.fragments import Fragment, Volume, find_fragments, load_labels, load_mask
-from ink_infer.tiling import blocks_of, image_of, touched_blocks
+from ink_infer.geometry import BLOCK, N_SLICES
+from ink_infer.volumes.discovery import find_fragments
+from ink_infer.volumes.fragment import Fragment
+from ink_infer.volumes.masks import load_labels, load_mask
+from ink_infer.volumes.tiff_stack import Volume
 
 from .augment import CHANNEL_SHUFFLE_P, SHIFT_Z_P, augment
 
@@ -285,7 +289,7 @@ class WindowDataset(torch.utils.data.Dataset):
             z0 += int(rng.integers(lo, hi + 1))
         n, zs = spec.tile // BLOCK, slice(z0, z0 + spec.n_slices)
         raw, lab = read_window(store, (int(r), int(c)), region.rows, n=n, z=zs)
-        # the pixel values of inference (ink_infer.predict: raw / 65535 in float32, there then cast to float16)
+        # the pixel values of inference (ink_infer.engine.predict: raw / 65535 in float32, there then cast to float16)
         vol = raw.astype(np.float32) / np.float32(65535.0)
         lab = lab.astype(np.float32)
         if self.aug:

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import Tensor
 
-from ink_infer.config import BLOCK
-from ink_infer.metrics import fbeta
+from ink_infer.geometry import BLOCK
+from ink_infer.outputs.metrics import fbeta
 
 # label smoothing "0.1" as the reference wrote it: target * (1 - 0.2) + 0.1, so 0 -> 0.1 and 1 -> 0.9
 LABEL_SMOOTH = 0.1

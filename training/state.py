@@ -16,12 +16,12 @@ import torch
 from timm.utils import ModelEmaV2
 from torch import Tensor, nn
 
-from ink_infer.atomic import atomic_torch_save
 from ink_infer.config import ModelSpec
 from ink_infer.errors import UserError
 from ink_infer.manifest import sha256_file
 from ink_infer.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, hyper_parameters_for, strip_prefix
-from ink_infer.plan import output_fields
+from ink_infer.outputs.atomic import atomic_torch_save
+from ink_infer.run.partials import output_fields
 
 WARMUP_FRACTION = 0.02
 BACKBONE_PREFIXES = ("encoder.", "backbone.")  # 2.5D timm encoder, irCSN backbone: trained at --backbone-lr
@@ -116,7 +116,7 @@ def make_trainer(
 
 def spec_key(spec: ModelSpec) -> dict[str, Any]:
     """What must not change between a run and its resume: the model and its inputs (not the weight file), the
-    fields inference keys its partials by (``ink_infer.plan.output_fields``)."""
+    fields inference keys its partials by (``ink_infer.run.partials.output_fields``)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in output_fields(spec).items()}
 
 

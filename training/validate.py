@@ -10,10 +10,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ink_infer.config import BLOCK, ModelSpec
-from ink_infer.models import normalize_windows
-from ink_infer.stitch import SumMap, expand_blocks, upsample_probs
-from ink_infer.tiling import cover_grid, coverage_blocks, reference_order
+from ink_infer.config import ModelSpec
+from ink_infer.engine.stitch import SumMap, expand_blocks, upsample_probs
+from ink_infer.engine.tiling import cover_grid, coverage_blocks, reference_order
+from ink_infer.engine.windows import normalize_windows
+from ink_infer.geometry import BLOCK
 
 from .data import BlockStore, Region, region_image, region_origins
 from .objective import best_percentile

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import WIDTH_DEFAULTS, ModelSpec
-from ..errors import UserError
+from ink_infer.config import ModelSpec
+from ink_infer.errors import UserError
+from ink_infer.geometry import WIDTH_DEFAULTS
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 BN_EPS = 1e-3  # mmaction's CSN norm_cfg; the head's 2D BNs keep torch's 1e-5 as in the reference

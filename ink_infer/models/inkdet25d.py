@@ -17,8 +17,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from ..config import WIDTH_DEFAULTS, ModelSpec
-from ..errors import UserError
+from ink_infer.config import ModelSpec
+from ink_infer.errors import UserError
+from ink_infer.geometry import WIDTH_DEFAULTS
 
 PROJ_DIM = WIDTH_DEFAULTS["dim"]  # width of conv_proj / conv3d / head in every reference 2.5D config
 DROP_RATE = 0.4  # reference training flags; inert at eval (classifier removed, stochastic depth off)
@@ -65,7 +66,7 @@ class InkDet25D(nn.Module):
     """2.5D ink detector.
 
     Input ``(B, n_slices, H, W)`` float, already sliced to the model's z range and normalised per sample
-    (``normalize_windows``); H and W multiples of 32 (and the size a fixed-size backbone such as SwinV2 expects).
+    (``engine.windows.normalize_windows``); H and W multiples of 32 (and the size a fixed-size backbone such as SwinV2 expects).
     Output ``(B, 1, H/32, W/32)`` logits, same dtype and device as the input.
 
     ``dim`` and ``encoder_kwargs`` exist for shrunk test models; the reference configs use ``dim=512`` and none.

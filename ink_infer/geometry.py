@@ -1,0 +1,29 @@
+"""(split from config.py)"""
+
+from __future__ import annotations
+
+N_SLICES = 65  # surface volumes hold slices 00.tif .. 64.tif
+
+
+BLOCK = 32  # the reference cuts fragments into 32 x 32 blocks; window origins and strides live on this grid
+
+
+ARCHS = ("2.5d", "csn3d")
+
+
+# Window-origin rows per streamed band at most: a power of two, so a multiple of every band's rows
+# (``stream.rows_per_band_for``); ``plan.split_rows`` cuts fragments at its multiples.
+MAX_ROWS_PER_BAND = 16
+
+
+# A fragment with more pixels is "large": its units are row ranges of at most this many pixels (``plan.split_rows``),
+# their sums go through the partials on disk, and its ensemble map lives in a file (``raster.py``). 256 MiB as
+# float32: Kaggle's fragments 1 and 3 stay whole and in memory; fragment 2 (141 M px) and scroll segments do not.
+LARGE_PIXELS = 2**26
+
+
+# The reference models' widths, and which arch each optional width key belongs to.
+WIDTH_DEFAULTS = {"dim": 512, "base_channels": 64, "head_dim": 512}
+
+
+WIDTH_ARCH = {"dim": "2.5d", "base_channels": "csn3d", "head_dim": "csn3d"}

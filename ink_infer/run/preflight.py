@@ -1,0 +1,205 @@
+"""Everything the user can fix, found before any compute: an ``--out`` that is unwritable or too full, a stride
+wider than a model's square, weight files that are missing, fail their hash, or do not fit their model. Each is a
+``UserError`` (one line per problem, exit 2).
+
+Importing this module does not import torch: the CLI runs ``check_arguments`` (paths, manifest, stride, weight
+files present) before torch loads, so a typo costs milliseconds, not the 4-14 s of importing torch and timm.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from ink_infer.errors import UserError
+from ink_infer.geometry import BLOCK
+from ink_infer.manifest import Manifest, find_weights, load_manifest, verify_file
+from ink_infer.run.plan import FragmentPlan, Weights, model_count
+
+log = logging.getLogger(__name__)
+
+# what a run writes besides partials, per fragment: its submission row, two previews, its share of report.json
+OUTPUT_BYTES_PER_FRAGMENT = 16 * 2**20
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out`` and prove it is writable before any compute, so a run never dies at the last step."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".ink_infer_write_test_{id(out)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        (out / "previews").mkdir(exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: --out is not writable ({e.strerror or e})") from None
+
+
+def check_free_space(
+    out: Path, partials_dir: Path, plans: Sequence[FragmentPlan], manifest: Manifest, *, dry_run: bool,
+    model_maps: bool = False,
+) -> dict:  # fmt: skip
+    """Free space under ``out`` against what the run will write, before any compute.
+
+    Partials: the covered 32 x 32 blocks of every (model, fragment) as float32 (files already there are replaced,
+    so their size counts as free); outputs: ``OUTPUT_BYTES_PER_FRAGMENT``; spilled maps: a large fragment's
+    ensemble map as float32 (``raster.is_large``), beside the partials, and with ``model_maps`` one model's map
+    more. Too little for the outputs or the spilled maps is refused; too little for the partials is a warning
+    (they are what a rerun resumes from, not the result). Returns the figures for report.json."""
+    from ink_infer.outputs.raster import is_large
+
+    free = shutil.disk_usage(out).free
+    # the partials may live elsewhere (--partials): their own file system's room is what bounds them
+    partials_free = shutil.disk_usage(_existing(partials_dir)).free
+    partials = 0
+    large = [p.shape[0] * p.shape[1] * 4 for p in plans if is_large(p.shape)] if not dry_run else []
+    spilled = sum(large) + (max(large, default=0) if model_maps else 0)
+    if not dry_run:
+        for spec in manifest.models:
+            for p in plans:
+                partials += int((model_count(p, spec) > 0).sum()) * BLOCK * BLOCK * 4
+        if partials_dir.is_dir():
+            partials -= sum(f.stat().st_size for f in partials_dir.glob("*.npz"))
+    partials = max(partials, 0)
+    outputs = OUTPUT_BYTES_PER_FRAGMENT * len(plans)
+    mb = 2**20
+    if free < outputs:
+        raise UserError(
+            f"{out}: {free / mb:.0f} MB free, the outputs need about {outputs / mb:.0f} MB "
+            f"(and the partials {partials / mb:.0f} MB): free some space or choose another --out"
+        )
+    same_fs = _existing(partials_dir).stat().st_dev == out.stat().st_dev
+    room = free - outputs if same_fs else partials_free
+    if room < spilled:
+        raise UserError(
+            f"{_existing(partials_dir)}: {room / mb:.0f} MB free, the large fragments' maps kept there during the "
+            f"run need {spilled / mb:.0f} MB (and the partials {partials / mb:.0f} MB): free some space or "
+            "choose another --partials"
+        )
+    if room - spilled < partials:
+        log.warning(
+            "%s: %.0f MB free, the partials need about %.0f MB: results that cannot be saved are not kept for a "
+            "rerun (the submission is unaffected)", partials_dir, (room - spilled) / mb, partials / mb,
+        )  # fmt: skip
+    return {
+        "free_bytes": free,
+        "partials_bytes": partials,
+        "outputs_bytes": outputs,
+        "spilled_maps_bytes": spilled,
+    }
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (the partials folder is made when the first one is saved)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_stride(stride: int, manifest: Manifest) -> None:
+    """A stride wider than a model's square leaves pixels between its windows without a prediction: refused."""
+    narrowest = min(manifest.models, key=lambda m: m.side)
+    if stride > narrowest.side:
+        raise UserError(
+            f"--stride {stride}: wider than the {narrowest.side}-px square of model {narrowest.name!r}, so pixels "
+            f"between its windows would get no prediction; use at most {narrowest.side} (reference: 32)"
+        )
+
+
+def check_arguments(data: Path, manifest_path: Path, weights_dir: Path | None, *, stride: int,
+                    allow_random: bool) -> Manifest:  # fmt: skip
+    """The checks that need no torch, run before it is imported: ``--data`` exists, the manifest is valid, the
+    stride fits it, ``--weights`` is a folder holding every file the manifest names. Returns the manifest."""
+    if not Path(data).exists():
+        raise UserError(
+            f"{data}: --data not found (expected /kaggle/input, the competition folder or a fragment dir)"
+        )
+    manifest = load_manifest(manifest_path)
+    check_stride(stride, manifest)
+    check_weight_files(manifest, weights_dir, allow_random=allow_random)
+    return manifest
+
+
+def check_weight_files(manifest: Manifest, weights_dir: Path | None, *, allow_random: bool) -> None:
+    """``weights_dir`` is a folder and holds every file the manifest names (unless ``allow_random``): one line
+    that counts what is missing, names the first, and says the ways out."""
+    if weights_dir is not None and Path(weights_dir).exists() and not Path(weights_dir).is_dir():
+        raise UserError(
+            f"{weights_dir}: --weights is a file, expected a folder holding the manifest's weight files"
+        )
+    if allow_random:
+        for spec in manifest.models:
+            find_weights(spec, weights_dir)  # a path escaping --weights is refused even when absent
+        return
+    missing = [spec for spec in manifest.models if find_weights(spec, weights_dir) is None]
+    if not missing:
+        return
+    first = missing[0]
+    where = f"under {weights_dir}" if weights_dir is not None else "(no --weights DIR given)"
+    named = f"{first.file} for model {first.name!r}" if first.file else f"model {first.name!r} names no file"
+    raise UserError(
+        f"{len(missing)} of {len(manifest.models)} weight files of {manifest.path} missing {where} (first: {named}): "
+        "put the checkpoints there (kaggle/README.md), or pass --allow-random-weights for a rehearsal; "
+        "`python -m ink_infer.manifest hash --weights DIR` then records their sizes and hashes"
+    )
+
+
+def check_hashes(manifest: Manifest, weights: dict[str, Weights], *, require: bool) -> list[str]:
+    """The models whose weight file the manifest gives no sha256 for (loaded unverified): a warning, or with
+    ``require`` (``--require-hashes``) a ``UserError``. Returns their names, for report.json."""
+    unverified = [s.name for s in manifest.models if weights[s.name].path is not None and s.sha256 is None]
+    if not unverified:
+        return []
+    what = (f"{len(unverified)} of {len(manifest.models)} weight file(s) have no sha256 in {manifest.path} "
+            f"(first: {unverified[0]})")  # fmt: skip
+    how = "`python -m ink_infer.manifest hash --weights DIR` records them"
+    if require:
+        raise UserError(f"{what}: refused (--require-hashes); {how}")
+    log.warning("%s: loaded unverified (corruption or a wrong file would go unnoticed); %s, and "
+                "--require-hashes refuses such files", what, how)  # fmt: skip
+    return unverified
+
+
+def check_weights(manifest: Manifest, weights_dir: Path | None, *, allow_random: bool) -> dict[str, Weights]:
+    """Every model's weight file resolved inside ``weights_dir`` and checked (size, sha256), then opened (keys,
+    shapes, hyper-parameters; not loaded: seconds for 18 files), before any compute.
+
+    Hashing here costs a read of every file at the start (load_weights reuses the digest while the file's stat is
+    unchanged), and buys two things: a corrupt file fails the run in seconds, not at hour 8, and partials can be
+    keyed by the weights they came from without loading the model. ``allow_random``: entries without a file run
+    with random init (an explicit opt-in for rehearsals; the report marks each such model)."""
+    import timm
+
+    from ink_infer.models.checkpoint import check_checkpoint, expected_state
+
+    check_weight_files(manifest, weights_dir, allow_random=allow_random)
+    weights: dict[str, Weights] = {}
+    for spec in manifest.models:
+        if spec.arch == "2.5d" and not timm.is_model(spec.backbone):
+            raise UserError(f"{manifest.path}: model {spec.name!r}: unknown timm backbone {spec.backbone!r}")
+        path = find_weights(spec, weights_dir)
+        try:
+            digest = verify_file(spec, path) if path is not None else None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read weights ({e.strerror or e})") from None
+        weights[spec.name] = Weights(path, digest)
+    bad = []
+    for spec in manifest.models:
+        path = weights[spec.name].path
+        if path is None:
+            continue
+        try:
+            expected = expected_state(spec)
+        except (RuntimeError, ValueError) as e:  # timm or our builders refusing the entry's configuration
+            raise UserError(
+                f"{manifest.path}: model {spec.name!r} cannot be built: {e}".splitlines()[0]
+            ) from None
+        try:
+            check_checkpoint(path, spec, expected)
+        except UserError as e:  # unreadable files come here too: _safe_load names them
+            bad.append(str(e))
+    if bad:
+        raise UserError("\n".join(bad))  # one line per bad file
+    return weights

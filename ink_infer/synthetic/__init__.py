@@ -1,0 +1,1 @@
+"""Synthetic fragments and segments with known ink: the demo, tests and benchmarks."""

@@ -1,0 +1,40 @@
+"""What a fragment is before it is opened: its id, where it lies, its layout (Kaggle, segment, zarr), the layers
+its models read and how it is turned; and how paths are shown in messages."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """One fragment: ``path`` is the folder holding ``surface_volume/`` and ``mask.png`` (layout ``kaggle``), a
+    segment's folder holding ``layers/`` (``segment``), or a ``.zarr`` store (``zarr``); ``layers``: for segments,
+    the stack indices the models' 65 layers read, in their order (``segments.LayerChoice``)."""
+
+    id: str
+    path: Path
+    row_id: str | None = (
+        None  # the Id exactly as sample_submission.csv spells it (spaces kept), when it has one
+    )
+    layout: str = "kaggle"
+    layers: tuple[int, ...] | None = None
+    rotate: int = 0  # --rotate: degrees the models see it turned counterclockwise (rotation.py)
+    rotate_cache: Path | None = None  # where the turned slices are kept
+
+    @property
+    def submission_id(self) -> str:
+        """What submission.csv's Id column says for this fragment: the sample's own spelling."""
+        return self.id if self.row_id is None else self.row_id
+
+
+def shown_path(path: Path, base: Path) -> str:
+    """``path`` as shown in messages: relative to ``base`` (the folder above the split) when it lies inside."""
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
