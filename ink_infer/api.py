@@ -81,14 +81,14 @@ def load_ensemble(
     """The ensemble of ``manifest`` (a path; ``"demo"``: the packaged demo models with their shipped weights;
     None: ``weights``' own weights_manifest.json, else the packaged 18-model one) with its files in ``weights``,
     checked now: a bad file raises ``UserError`` naming it. ``device``: auto, cpu, cuda or cuda:N."""
-    from ink_infer.run.preflight import check_arguments
+    from ink_infer.run.preflight import check_manifest_files
     from ink_infer.run.prepare import check_manifest_weights
 
     if manifest == "demo":
         manifest, weights = DEMO_MANIFEST, weights or DEMO_MANIFEST.parent
     weights_dir = None if weights is None else Path(weights).absolute()
     path = Path(manifest).absolute() if manifest is not None else default_manifest(weights_dir)
-    parsed = check_arguments(Path("."), path, weights_dir, stride=32, allow_random=allow_random_weights)
+    parsed = check_manifest_files(path, weights_dir, allow_random=allow_random_weights)
     probe = RunConfig(data=Path("."), out=Path("."), manifest=path, weights=weights_dir, device=device,
                       allow_random_weights=allow_random_weights)  # fmt: skip
     return Ensemble(parsed, weights_dir, device, allow_random_weights, check_manifest_weights(parsed, probe))
@@ -159,7 +159,9 @@ def _predict_into(ensemble: Ensemble, data: Path, out: Path, threshold: float | 
         for plan, ens in zip(run.plans, ensembles, strict=True):
             found[plan.id] = _prediction(plan, ens, run.threshold)
 
-    report = pipeline.run(cfg, ensemble.manifest, checked=ensemble.checked, tail=keep)
+    from ink_infer.run.preflight import check_inputs
+
+    report = pipeline.run(cfg, check_inputs(cfg, ensemble.manifest), checked=ensemble.checked, tail=keep)
     for prediction in found.values():
         prediction.report = report
     return found

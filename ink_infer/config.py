@@ -4,6 +4,7 @@ Validation happens here, with messages a user can act on (raised as ``UserError`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,6 +185,7 @@ class RunConfig:
                                        ("--on-model-error", self.on_model_error, ON_MODEL_ERROR)):  # fmt: skip
             if value not in choices:
                 raise UserError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")
+        check_device_names(self.devices)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device {self.device!r}: expected auto, cpu or cuda")
         if self.part_id >= self.num_parts:
@@ -196,3 +198,22 @@ class RunConfig:
             )
         if self.num_parts > 1 and self.dry_run:
             raise UserError("--num-parts: a dry run projects the whole run; use it without --num-parts")
+
+
+def check_device_names(names: tuple[str, ...]) -> None:
+    """``--devices`` spelled right, before torch is imported: ``all``, or ``cpu`` (may repeat) / ``cuda:N`` (once
+    each), all of one type. Whether the GPUs exist is ``runtime.resolve_devices``'s to say."""
+    if not names or names == ("all",):
+        return
+    listed = ",".join(names)
+    for name in names:
+        if name != "cpu" and re.fullmatch(r"cuda:\d+", name) is None:
+            raise UserError(
+                f"--devices {listed}: {name!r} is not a device: expected all, or cpu / cuda:N, comma-separated"
+            )
+    gpus = [n for n in names if n != "cpu"]
+    if len(set(gpus)) < len(gpus):
+        twice = next(n for n in gpus if gpus.count(n) > 1)
+        raise UserError(f"--devices {listed}: {twice} is named twice (one worker per GPU)")
+    if gpus and len(gpus) < len(names):
+        raise UserError(f"--devices {listed}: all devices must be of one type (partials are keyed by it)")

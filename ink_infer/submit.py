@@ -31,7 +31,7 @@ from ink_infer.config import (
 from ink_infer.errors import DeviceError, ModelRunError, UserError
 from ink_infer.manifest import DEMO_MANIFEST, default_manifest
 from ink_infer.outputs.summary import TABLE, format_table, format_verdicts, table_rows
-from ink_infer.run.preflight import check_arguments
+from ink_infer.run.preflight import check_inputs
 from ink_infer.schema import THRESHOLD_REGIONS, cli_type
 from ink_infer.synthetic.demo import demo_scores, make_demo_data
 from ink_infer.volumes.segments import parse_layers
@@ -286,16 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args, argv)
         # torch-free: paths, manifest, stride, weight files, before torch (4-14 s to import) is loaded
-        manifest = check_arguments(
-            cfg.data, cfg.manifest, cfg.weights, stride=cfg.stride, allow_random=cfg.allow_random_weights
-        )
+        inputs = check_inputs(cfg)
     except UserError as e:
         return _user_error(e)
     from ink_infer.run import pipeline
     from ink_infer.run.stop import Interrupted
 
     try:
-        report = pipeline.run(cfg, manifest)
+        report = pipeline.run(cfg, inputs)
     except UserError as e:
         return _user_error(e)
     except (ModelRunError, DeviceError) as e:

@@ -416,3 +416,33 @@ def test_a_dry_run_on_two_devices_or_ranks_projects_the_makespan(
     total = sum(m["projection"]["projected_hours"] for m in report["models"])
     # the longest of two shares: at least half the work, less than all of it (several units to share)
     assert 0.5 * total <= report["projection"]["hours"] < total
+
+
+def _standin_argv(data: Path, out: Path, manifest: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--manifest", str(manifest), "--allow-random-weights",
+            "--stride", "64", "--quiet", "--no-previews", *extra]  # fmt: skip
+
+
+def test_merge_only_never_computes_even_with_devices(data, manifest, tmp_path, standins, capsys):
+    """#27 item 9: ``--merge-only --devices cpu,cpu`` on an empty OUT names what is missing and computes nothing."""
+    out = tmp_path / "out"
+    assert main(_standin_argv(data, out, manifest, "--merge-only", "--devices", "cpu,cpu")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and all(line.startswith("error: --merge-only: model ") for line in err), err
+    assert not list(out.rglob("*.npz")) and not (out / "parts").exists()
+
+
+def test_parts_and_their_merge_warn_of_nothing(data, manifest, tmp_path, standins, caplog):
+    """#27 item 12: a part's own report beside the parts' records is not read as one ("unreadable part report")."""
+    import logging
+
+    out = tmp_path / "out"
+    for part in ("0", "1"):
+        assert main(_standin_argv(data, out, manifest, "--num-parts", "2", "--part-id", part)) == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(_standin_argv(data, out, manifest, "--merge-only")) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # the fragments' own notes only
+    assert warned and all("smaller than one window" in w for w in warned), warned
+    assert (out / "submission.csv").is_file()

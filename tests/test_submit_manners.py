@@ -4,6 +4,7 @@ without hashes, where the partials go and whether a rerun reuses them, and what 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,44 @@ def test_path_and_weights_errors_come_before_torch_is_imported(case, needle, dat
     assert proc.stdout.strip() == "torch imported: False"
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: ") and needle in line
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("devices_misspelt", "'gpu0' is not a device"),
+        ("devices_mixed", "all devices must be of one type"),
+        ("zarr_2d", "a 2-D array"),
+        ("slice_missing", "missing"),
+        ("partials_is_a_file", "--partials is a file, expected a folder"),
+    ],
+)
+def test_device_zarr_data_and_partials_errors_come_before_torch_is_imported(case, needle, data, tmp_path):
+    """#27 items 10 and 18: what needs no torch is checked before torch loads: a --devices list's spelling, the
+    fragments and segments found and opened, --partials."""
+    argv = ["--data", str(data), "--allow-random-weights"]
+    if case == "devices_misspelt":
+        argv += ["--devices", "cpu,gpu0"]
+    elif case == "devices_mixed":
+        argv += ["--devices", "cpu,cuda:0"]
+    elif case == "zarr_2d":
+        zarr = pytest.importorskip("zarr")
+        (tmp_path / "segs").mkdir()
+        zarr.create_array(str(tmp_path / "segs" / "s.zarr"), shape=(64, 64), dtype="uint16")
+        argv = ["--data", str(tmp_path / "segs"), "--allow-random-weights"]
+    elif case == "slice_missing":
+        copy = tmp_path / "data"
+        shutil.copytree(data, copy)
+        next(copy.glob("test/*/surface_volume/37.tif")).unlink()
+        argv = ["--data", str(copy), "--allow-random-weights"]
+    else:
+        (tmp_path / "a_file").write_text("")
+        argv += ["--partials", str(tmp_path / "a_file")]
+    proc = _cli_in_a_fresh_python(*argv, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.strip() == "torch imported: False"
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and needle in line, line
 
 
 def test_missing_weights_are_counted_and_the_ways_out_named(data, tmp_path, capsys):

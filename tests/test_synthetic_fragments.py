@@ -149,3 +149,16 @@ def test_cli_bad_args_one_line_exit_2(
     assert main([str(tmp_path), "--train", "0", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("layout", ["segment", "zarr"])
+def test_segments_are_written_into_a_folder_that_does_not_exist_yet(
+    tmp_path: Path, layout: str, capsys
+) -> None:
+    """The README's own example (``--layout zarr`` into a new folder): the segments' folder is made first."""
+    pytest.importorskip("zarr")
+    out = tmp_path / "new" / "seg_demo"
+    assert main([str(out), "--layout", layout, "--test", "s1:96x128"]) == 0
+    seg = out / "segments" / ("s1.zarr" if layout == "zarr" else "s1")
+    assert seg.is_dir() and (out / "ground_truth" / "s1.png").is_file()
+    assert (out / "segments" / "s1_mask.png").is_file() or (seg / "s1_mask.png").is_file()

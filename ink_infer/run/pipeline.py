@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 from ink_infer.config import RunConfig
 from ink_infer.errors import DeviceError, ModelRunError, UserError
-from ink_infer.manifest import Manifest
 from ink_infer.outputs.ensemble import FragmentEnsemble
 from ink_infer.outputs.raster import remove_scratch, scratch_path
 from ink_infer.outputs.report import Interruption, RunReport, write_report
@@ -31,6 +30,7 @@ from ink_infer.outputs.write import OutputOptions, write_outputs
 from ink_infer.run.budget import verdicts
 from ink_infer.run.executors import Parts, executor_for, makespan_hours
 from ink_infer.run.merge import run_models
+from ink_infer.run.preflight import Inputs
 from ink_infer.run.prepare import Checked, PreparedRun, prepare, start_report
 from ink_infer.run.stop import Interrupted, StopRequest, signal_name
 
@@ -42,18 +42,19 @@ log = logging.getLogger(__name__)
 Tail = Callable[[PreparedRun, RunReport, list[FragmentEnsemble]], None]
 
 
-def run(cfg: RunConfig, manifest: Manifest | None = None, *, checked: Checked | None = None,
+def run(cfg: RunConfig, inputs: Inputs | None = None, *, checked: Checked | None = None,
         tail: Tail | None = None) -> RunReport:  # fmt: skip
-    """Run the ensemble over every fragment and write the outputs; returns the run's report. ``manifest``: the
-    parsed ``cfg.manifest``, when the caller has it already; ``checked``: its weights, already checked (the API's
-    loaded ensemble); ``tail``: what is done with the ensembles instead of writing the outputs (not in dry runs).
+    """Run the ensemble over every fragment and write the outputs; returns the run's report. ``inputs``: what
+    ``preflight.check_inputs`` found, when the caller ran it already (the CLI, before importing torch);
+    ``checked``: the manifest's weights, already checked (the API's loaded ensemble); ``tail``: what is done with
+    the ensembles instead of writing the outputs (not in dry runs).
 
     Raises ``UserError`` (bad input, outputs that cannot be written), ``ModelRunError`` (no model finished, or one
     failed under ``--on-model-error fail``), ``DeviceError`` and ``stop.Interrupted`` (SIGTERM / SIGINT);
     report.json records each."""
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    prepared = prepare(cfg, manifest, checked)
+    prepared = prepare(cfg, inputs, checked)
     report = start_report(prepared, started)
     if cfg.dry_run and prepared.rank is not None and prepared.rank.rank != 0:
         # a dry run is rank 0's alone: it projects the ranks' makespan; nothing is sampled or written here

@@ -2,8 +2,9 @@
 wider than a model's square, weight files that are missing, fail their hash, or do not fit their model. Each is a
 ``UserError`` (one line per problem, exit 2).
 
-Importing this module does not import torch: the CLI runs ``check_arguments`` (paths, manifest, stride, weight
-files present) before torch loads, so a typo costs milliseconds, not the 4-14 s of importing torch and timm.
+Importing this module does not import torch: the CLI runs ``check_inputs`` (paths, manifest, stride, weight files
+present, fragments found and planned, free space) before torch loads, so a typo costs milliseconds, not the 4-14 s
+of importing torch and timm; ``check_weights`` (the checkpoints opened against their models) needs torch.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from ink_infer.config import RunConfig
 from ink_infer.errors import UserError
 from ink_infer.geometry import BLOCK
 from ink_infer.manifest import Manifest, find_weights, load_manifest, verify_file
@@ -108,16 +111,51 @@ def check_stride(stride: int, manifest: Manifest) -> None:
         )
 
 
-def check_arguments(data: Path, manifest_path: Path, weights_dir: Path | None, *, stride: int,
-                    allow_random: bool) -> Manifest:  # fmt: skip
-    """The checks that need no torch, run before it is imported: ``--data`` exists, the manifest is valid, the
-    stride fits it, ``--weights`` is a folder holding every file the manifest names. Returns the manifest."""
-    if not Path(data).exists():
-        raise UserError(
-            f"{data}: --data not found (expected /kaggle/input, the competition folder or a fragment dir)"
-        )
+@dataclass(frozen=True)
+class Inputs:
+    """What the torch-free checks found: the parsed manifest, every fragment's plan, the items the units run over
+    (fragments or their row ranges), the free-space figures and the warnings for the user."""
+
+    manifest: Manifest
+    plans: tuple[FragmentPlan, ...]
+    items: tuple[FragmentPlan, ...]
+    disk: dict
+    warnings: list[str]
+
+
+def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
+    """Everything that needs no torch, before it is imported (a typo costs milliseconds, not the seconds of
+    importing torch and timm): the paths, the manifest (``manifest``: parsed already), the stride, the weight files
+    present, the fragments found and opened (every slice, layer or chunk layout checked), their windows planned,
+    and the free space for what the run will write. Done once per run; the rest of the run reads its result."""
+    from ink_infer.run.plan import plan_run
+    from ink_infer.volumes.discovery import find_fragments
+    from ink_infer.volumes.rotation import with_rotation
+
+    if not Path(cfg.data).exists():
+        raise UserError(f"{cfg.data}: --data not found (expected /kaggle/input, the competition folder, a fragment "
+                        "folder, a scroll segment, or a folder of them)")  # fmt: skip
+    for option, path in (("--partials", cfg.partials), ("--out", cfg.out)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise UserError(f"{path}: {option} is a file, expected a folder")
+    manifest = manifest if manifest is not None else load_manifest(cfg.manifest)
+    check_stride(cfg.stride, manifest)
+    check_weight_files(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
+    prepare_out(cfg.out)
+    fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice)
+    fragments = with_rotation(fragments, cfg.rotate, cfg.out)
+    plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
+    disk = check_free_space(
+        cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run, model_maps=cfg.save_model_maps
+    )
+    for p in plans:
+        warnings.extend(p.notes)
+    return Inputs(manifest, tuple(plans), tuple(items), disk, warnings)
+
+
+def check_manifest_files(manifest_path: Path, weights_dir: Path | None, *, allow_random: bool) -> Manifest:
+    """The manifest parsed and its weight files present under ``weights_dir`` (the Python API's ensemble)."""
     manifest = load_manifest(manifest_path)
-    check_stride(stride, manifest)
     check_weight_files(manifest, weights_dir, allow_random=allow_random)
     return manifest
 

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from ink_infer.config import ModelSpec, RunConfig, ThresholdSpec
 from ink_infer.engine.compiling import resolve_mode, use_cache_under
 from ink_infer.errors import UserError
-from ink_infer.manifest import Manifest, load_manifest, sha256_file
+from ink_infer.manifest import Manifest, sha256_file
 from ink_infer.outputs.progress import RunProgress
 from ink_infer.outputs.raster import is_large
 from ink_infer.outputs.report import FragmentPlanned, PartialsSummary, RunReport
 from ink_infer.run.model_run import ModelRunContext, ModelRunOptions
 from ink_infer.run.partials import PartialStore
-from ink_infer.run.plan import FragmentPlan, UnitSettings, Weights, plan_run
-from ink_infer.run.preflight import check_free_space, check_hashes, check_stride, check_weights, prepare_out
+from ink_infer.run.plan import FragmentPlan, UnitSettings, Weights
+from ink_infer.run.preflight import Inputs, check_hashes, check_inputs, check_weights
 from ink_infer.run.runtime import (
     DistributedRank,
     Runtime,
@@ -31,8 +31,6 @@ from ink_infer.run.runtime import (
     torchrun_rank,
 )
 from ink_infer.run.stop import StopRequest
-from ink_infer.volumes.discovery import find_fragments
-from ink_infer.volumes.rotation import with_rotation
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +106,13 @@ class PreparedRun:
         return RunProgress(len(self.models), per_model, every=cfg.progress_every, quiet=cfg.quiet)
 
 
-def prepare(cfg: RunConfig, manifest: Manifest | None = None, checked: Checked | None = None) -> PreparedRun:
-    """Check, find, plan and start, in the order that fails cheapest first; ``manifest``: already parsed from
-    ``cfg.manifest`` (the CLI's torch-free checks did), else read here; ``checked``: its weights, already
-    checked (else checked here)."""
-    prepare_out(cfg.out)
-    manifest = manifest if manifest is not None else load_manifest(cfg.manifest)
-    check_stride(cfg.stride, manifest)
-    fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice)
-    fragments = with_rotation(fragments, cfg.rotate, cfg.out)
-    plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
-    disk = check_free_space(
-        cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run, model_maps=cfg.save_model_maps
-    )
+def prepare(cfg: RunConfig, inputs: Inputs | None = None, checked: Checked | None = None) -> PreparedRun:
+    """Check, find, plan and start, in the order that fails cheapest first; ``inputs``: what the torch-free checks
+    found (the CLI runs them before importing torch), else found here; ``checked``: the manifest's weights,
+    already checked (else checked here)."""
+    inputs = inputs if inputs is not None else check_inputs(cfg)
+    manifest, plans, items, disk = inputs.manifest, inputs.plans, inputs.items, inputs.disk
+    warnings = list(inputs.warnings)
     checked = checked if checked is not None else check_manifest_weights(manifest, cfg)
     weights, unverified = checked.weights, checked.unverified
     rank = torchrun_rank()
@@ -135,8 +127,6 @@ def prepare(cfg: RunConfig, manifest: Manifest | None = None, checked: Checked |
     compile_mode, compile_why = resolve_mode(cfg.compile, runtime.device)
     if compile_mode != "none":
         use_cache_under(cfg.out)
-    for p in plans:
-        warnings.extend(p.notes)
     for w in warnings:
         log.warning(w)
     options = ModelRunOptions(

@@ -267,6 +267,9 @@ def write_segment(
     gain = float(np.random.default_rng([seed, 1]).uniform(0.9, 1.1))
     offset = (layers - N_SLICES) // 2
     out = Path(out)
+    out.mkdir(
+        parents=True, exist_ok=True
+    )  # a zarr segment's mask lies beside its store, in a folder maybe new
     if ground_truth is not None:
         ground_truth.parent.mkdir(parents=True, exist_ok=True)
         _write_png(ground_truth, maps.ink)
