@@ -224,18 +224,22 @@ def verify_file(spec: ModelSpec, path: Path) -> str:
     return digest
 
 
-def hash_weights(manifest_path: Path, weights_dir: Path, out: Path) -> tuple[list[str], list[str]]:
+def hash_weights(manifest_path: Path, weights_dir: Path, out: Path) -> tuple[list[str], list[str], list[str]]:
     """Fill in size and sha256 of every present weight file; write the manifest to ``out`` atomically.
 
-    Returns (names hashed, names missing)."""
+    Returns (names hashed, names missing, names refused with why: a file that resolves outside ``weights_dir``,
+    a symlink leading out of it, is never read)."""
     manifest_path = Path(manifest_path)
     load_manifest(manifest_path)  # validate first
     raw = json.loads(manifest_path.read_text())
     root = Path(weights_dir).resolve()
-    hashed, missing = [], []
+    hashed, missing, refused = [], [], []
     for e in raw["models"]:
         path = (root / e["file"]).resolve() if e.get("file") else None
-        if path is None or not path.is_file() or (root not in path.parents):
+        if path is not None and root not in path.parents:
+            refused.append(f"{e['name']} ({e['file']}): resolves to {path}, outside --weights {root}")
+            continue
+        if path is None or not path.is_file():
             missing.append(f"{e['name']} ({e.get('file')})")
             continue
         e["size"] = path.stat().st_size
@@ -245,7 +249,7 @@ def hash_weights(manifest_path: Path, weights_dir: Path, out: Path) -> tuple[lis
         atomic_write_text(out, json.dumps(raw, indent=1) + "\n")
     except OSError as err:
         raise UserError(f"{out}: cannot write ({err.strerror or err})") from None
-    return hashed, missing
+    return hashed, missing, refused
 
 
 HASH_HELP = """\
@@ -283,16 +287,22 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.weights}: --weights is not a folder")
         manifest = args.manifest or default_manifest(args.weights)
         out = args.out or (args.manifest if args.manifest else args.weights / MANIFEST_NAME)
-        hashed, missing = hash_weights(manifest, args.weights, out)
+        hashed, missing, refused = hash_weights(manifest, args.weights, out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{out}: hashed {len(hashed)} file(s) of {manifest}, {len(missing)} missing under {args.weights}")
+    also = f", {len(refused)} refused" if refused else ""
+    print(
+        f"{out}: hashed {len(hashed)} file(s) of {manifest}, {len(missing)} missing under {args.weights}{also}"
+    )
     for m in missing:
         print(f"  missing: {m}")
-    if missing:
-        print(f"error: {len(missing)} weight file(s) missing: copy them under {args.weights} and hash again",
-              file=sys.stderr)  # fmt: skip
+    for m in refused:
+        print(f"  refused: {m}")
+    if missing or refused:
+        what = [f"{len(missing)} weight file(s) missing"] if missing else []
+        what += [f"{len(refused)} refused (links leading outside the folder)"] if refused else []
+        print(f"error: {', '.join(what)}: copy them under {args.weights} and hash again", file=sys.stderr)
         return 1
     return 0
 

@@ -72,6 +72,24 @@ def test_hash_exits_0_when_every_file_is_there(tmp_path, capsys):
     assert load_manifest(manifest).models[0].size == 16
 
 
+def test_hash_says_a_link_leading_outside_the_weights_folder_is_refused_not_missing(tmp_path, capsys):
+    """#27 item 16: a weight that is a symlink to a file outside --weights is refused, and the line says why."""
+    weights, elsewhere = tmp_path / "w", tmp_path / "elsewhere.ckpt"
+    elsewhere.write_bytes(b"checkpoint bytes")
+    one = json.loads(PACKAGED_MANIFEST.read_text())
+    one["models"] = one["models"][:1]
+    manifest = tmp_path / "one.json"
+    manifest.write_text(json.dumps(one))
+    link = weights / one["models"][0]["file"]
+    link.parent.mkdir(parents=True)
+    link.symlink_to(elsewhere)
+    assert main(["hash", "--weights", str(weights), "--manifest", str(manifest)]) == 1
+    captured = capsys.readouterr()
+    assert "0 missing" in captured.out and "1 refused" in captured.out
+    assert f"resolves to {elsewhere}, outside --weights" in captured.out and "missing: " not in captured.out
+    assert captured.err.startswith("error: 1 refused") and len(captured.err.splitlines()) == 1
+
+
 def test_hash_with_a_missing_weights_dir_exits_2(tmp_path, capsys):
     assert main(["hash", "--weights", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err

@@ -165,6 +165,23 @@ def test_partials_go_where_asked_and_are_deleted_after_the_submission_when_not_k
     assert (out / "submission.csv").is_file()
 
 
+def test_only_our_own_partials_are_deleted_from_a_users_folder(data, manifest, tmp_path, standins):
+    """#27 item 2: ``--partials DIR --no-keep-partials`` deletes the partials this tool wrote, never the user's files
+    beside them (an ``.npz`` of theirs, one named like ours, a folder named like our spilled maps')."""
+    import numpy as np
+
+    out, partials = tmp_path / "out", tmp_path / "mine"
+    partials.mkdir()
+    np.savez(partials / "results.npz", x=np.arange(3))
+    np.savez(partials / "model.frag.0123abcd.npz", x=np.arange(3))  # our naming, not our content
+    (partials / "maps.1").mkdir()
+    (partials / "maps.1" / "notes.txt").write_text("mine")
+    theirs = sorted(p.name for p in partials.rglob("*"))
+    assert run_cli(data, out, manifest, "--partials", str(partials), "--no-keep-partials") == 0
+    assert report_of(out)["partials"]["deleted"] == 4
+    assert sorted(p.name for p in partials.rglob("*")) == theirs
+
+
 def test_on_kaggle_the_partials_stay_out_of_the_working_folder(
     data, manifest, tmp_path, standins, monkeypatch
 ):

@@ -249,3 +249,50 @@ def test_load_labels(comp: Path) -> None:
         load_labels(frag(comp), (H, W))
     with pytest.raises(UserError, match=r"train/1/inklabels\.png: 40x48, slices 40x50"):
         load_labels(train, (40, 50))
+
+
+def test_our_own_output_folders_in_the_data_folder_are_skipped_quietly(
+    tmp_path: Path, manifest, standins, caplog
+):
+    """#27 item 13: a rerun with --out equal to --data finds the segments again, and no warning about the folders
+    the first run wrote there (partials/, previews/, probabilities/, masks/)."""
+    import logging
+
+    from ink_infer.synthetic.fragments import write_segment
+    from tests.helpers import run_cli
+
+    segs = tmp_path / "segs"
+    write_segment(segs, "s1", shape=(96, 128), seed=3)
+    assert run_cli(segs, segs, manifest) == 0
+    assert {"partials", "previews", "probabilities", "masks"} <= {p.name for p in segs.iterdir()}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(segs, segs, manifest) == 0
+    assert not [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    fragments, warnings = find_fragments(segs)
+    assert [f.id for f in fragments] == ["s1"] and warnings == []
+
+
+def test_no_fragment_found_names_the_three_layouts(tmp_path: Path) -> None:
+    """#27 item 17: the message names every layout --data accepts, not the Kaggle one alone."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as e:
+        find_fragments(tmp_path / "empty")
+    assert "surface_volume/" in str(e.value) and "layers/" in str(e.value) and ".zarr" in str(e.value)
+
+
+def test_two_different_masks_of_a_segment_say_which_is_used(tmp_path: Path) -> None:
+    """#27 item 17: ``<seg>_mask.png`` and ``mask.png`` both there and different: the one used is named."""
+    from ink_infer.synthetic.fragments import write_segment
+
+    seg = write_segment(tmp_path / "segs", "s1", shape=(64, 96), seed=3)
+    ours = seg / "s1_mask.png"
+    other = np.zeros((64, 96), np.uint8)
+    other[:32] = 255
+    cv2.imwrite(str(seg / "mask.png"), other)
+    (fragment,), _ = find_fragments(seg)
+    mask, note = load_mask(fragment, (64, 96))
+    assert (mask == (cv2.imread(str(ours), cv2.IMREAD_GRAYSCALE) > 0)).all()
+    assert note is not None and "s1/s1_mask.png is used as the mask" in note and "mask.png differs" in note
+    shutil.copy(ours, seg / "mask.png")  # the same picture twice: nothing to say
+    assert load_mask(fragment, (64, 96))[1] is None

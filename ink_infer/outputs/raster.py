@@ -162,10 +162,11 @@ def scratch_dir(root: Path) -> Path:
 
 
 def remove_scratch(path: Path) -> None:
-    """Remove the spilled maps' folder, if there is one."""
+    """Remove the spilled maps' folder, if there is one: the maps this run spilled there (``*.f32``), and the folder
+    once empty (never a file that is not one of ours)."""
     if not path.is_dir():
         return
-    for f in path.iterdir():
+    for f in path.glob("*.f32"):
         f.unlink(missing_ok=True)
     try:
         path.rmdir()

@@ -103,9 +103,10 @@ class PartialStore:
         return FragmentResult.from_dict(meta.get("stats", {})) if meta.get("digest") == digest else None
 
     def clear(self) -> int:
-        """Remove every partial in the store (and the folder, once empty): after a successful submission on
-        Kaggle, where they would land in the notebook's saved output. Returns how many files went."""
-        files = sorted(self.root.glob("*.npz")) if self.root.is_dir() else []
+        """Remove the partials in the store (and the folder, once empty): after a successful submission on
+        Kaggle, where they would land in the notebook's saved output. Only files ink_infer wrote go
+        (``owned_files``): ``--partials`` may name a folder of the user's. Returns how many files went."""
+        files = owned_files(self.root)
         for f in files:
             f.unlink(missing_ok=True)
         try:
@@ -143,6 +144,28 @@ class PartialStore:
             log.warning("%s: partial not saved (%s); the run goes on without it", path, e.strerror or e)
             return f"not saved ({e.strerror or e})"
         return None
+
+
+_OWN_NAME = re.compile(r".+\.[0-9a-f]{8}\.npz")  # PartialStore.path's pattern
+
+
+def owned_files(root: Path) -> list[Path]:
+    """The partials ink_infer wrote in ``root``: named as ``PartialStore.path`` names them and holding its record
+    (a ``meta`` with the unit's model, fragment and key digest). Any other file, ``.npz`` or not, is the user's."""
+    if not root.is_dir():
+        return []
+    owned = []
+    for f in sorted(root.glob("*.npz")):
+        if not _OWN_NAME.fullmatch(f.name):
+            continue
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"][()]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            continue
+        if isinstance(meta, dict) and {"model", "fragment", "digest"} <= meta.keys():
+            owned.append(f)
+    return owned
 
 
 # 3: fixed-point sums (stitch.SumMap); 2: float32 maps on the cover grid from float16-rounded inputs; files of an

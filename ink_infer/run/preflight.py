@@ -62,8 +62,9 @@ def check_free_space(
         for spec in manifest.models:
             for p in plans:
                 partials += int((model_count(p, spec) > 0).sum()) * BLOCK * BLOCK * 4
-        if partials_dir.is_dir():
-            partials -= sum(f.stat().st_size for f in partials_dir.glob("*.npz"))
+        from ink_infer.run.partials import owned_files
+
+        partials -= sum(f.stat().st_size for f in owned_files(partials_dir))  # replaced: their room counts
     partials = max(partials, 0)
     outputs = OUTPUT_BYTES_PER_FRAGMENT * len(plans)
     mb = 2**20

@@ -30,6 +30,10 @@ COMPETITION = "vesuvius-challenge-ink-detection"
 
 
 SAMPLE_SUBMISSION = "sample_submission.csv"
+# What ink_infer writes into OUT (which may be the data folder itself): never a fragment, skipped without a word
+OUR_FOLDERS = frozenset({"partials", "parts", "previews", "probabilities", "masks", "rotated", "inductor_cache",
+                         "demo_data"})  # fmt: skip
+LAYOUTS = "fragment folders holding surface_volume/, scroll segments holding layers/, or .zarr stores"
 
 
 def find_fragments(
@@ -81,7 +85,7 @@ def find_fragments(
                 f"no {SAMPLE_SUBMISSION} found for {root}: fragments in sorted order {', '.join(ids)}"
             )
     if not ids:
-        raise UserError(f"{data}: no {split} fragments found (expected folders holding surface_volume/)")
+        raise UserError(f"{data}: no {split} fragments found (expected {LAYOUTS})")
     # row_id only where the sample spells the Id otherwise (surrounding spaces): it is written back as spelled
     fragments = []
     for frag_id in ids:
@@ -135,7 +139,7 @@ def _fragment_dirs(root: Path) -> tuple[dict[str, Path], list[str]]:
             continue
         if (child / "surface_volume").is_dir() or is_segment(child) or is_zarr(child):
             found[segment_id(child)] = child
-        elif child.name not in ("train", "test"):
+        elif child.name not in ("train", "test") and child.name not in OUR_FOLDERS:
             warnings.append(f"{child}: no surface_volume/ or layers/ folder, not a .zarr store: skipped")
     return found, warnings
 

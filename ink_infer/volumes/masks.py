@@ -13,9 +13,7 @@ import numpy as np
 
 from ink_infer.errors import UserError
 from ink_infer.volumes.fragment import Fragment, shown_path
-from ink_infer.volumes.segments import (
-    segment_mask,
-)
+from ink_infer.volumes.segments import segment_mask, segment_masks
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +25,22 @@ def load_mask(fragment: Fragment, shape: tuple[int, ...]) -> tuple[np.ndarray, s
     with PIL ``convert("1")``, which agrees with ``> 0`` on the 0/255 masks Kaggle ships.
     """
     path = fragment.path / "mask.png" if fragment.layout == "kaggle" else segment_mask(fragment.path)
+    base = fragment.path.parent.parent
     if not path.exists():
-        return np.ones(
-            shape[-2:], bool
-        ), f"{shown_path(path, fragment.path.parent.parent)}: missing, using every pixel"
+        return np.ones(shape[-2:], bool), f"{shown_path(path, base)}: missing, using every pixel"
+    note = None
+    others = [] if fragment.layout == "kaggle" else segment_masks(fragment.path)[1:]
+    differing = [o for o in others if o.read_bytes() != path.read_bytes()]
+    if differing:
+        note = (f"{shown_path(path, base)} is used as the mask; {shown_path(differing[0], base)} differs from it "
+                "and is ignored")  # fmt: skip
     if fragment.rotate:  # the file is in the fragment's own orientation; the run sees it turned
         from ink_infer.volumes.rotation import turn, turns
 
         h, w = shape[-2:]
         own = (w, h) if turns(fragment.rotate) % 2 else (h, w)
-        return np.ascontiguousarray(
-            turn(_read_binary_png(path, own, fragment.path.parent.parent), fragment.rotate)
-        ), None
-    return _read_binary_png(path, shape[-2:], fragment.path.parent.parent), None
+        return np.ascontiguousarray(turn(_read_binary_png(path, own, base), fragment.rotate)), note
+    return _read_binary_png(path, shape[-2:], base), note
 
 
 def load_labels(source: Fragment | Path, shape: tuple[int, ...]) -> np.ndarray:

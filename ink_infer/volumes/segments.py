@@ -97,11 +97,17 @@ def layer_files(layers_dir: Path, shown: str) -> list[Path]:
     return [numbered[i] for i in range(len(numbered))]
 
 
-def segment_mask(folder: Path) -> Path:
-    """Where a segment's mask is: ``<seg>_mask.png`` (inside the segment, or beside a ``.zarr``), else ``mask.png``."""
+def segment_masks(folder: Path) -> list[Path]:
+    """A segment's masks that exist, the one used first: ``<seg>_mask.png`` (inside the segment, or beside a
+    ``.zarr``), then ``mask.png``."""
     seg = folder.name.removesuffix(ZARR_SUFFIX)
     candidates = [folder / f"{seg}_mask.png", folder.parent / f"{seg}_mask.png", folder / "mask.png"]
-    return next((c for c in candidates if c.exists()), folder / "mask.png")
+    return [c for c in candidates if c.exists()]
+
+
+def segment_mask(folder: Path) -> Path:
+    """Where a segment's mask is: the first of ``segment_masks``, else ``mask.png`` (absent)."""
+    return next(iter(segment_masks(folder)), folder / "mask.png")
 
 
 def segment_id(folder: Path) -> str:
