@@ -62,18 +62,15 @@ def corrupt(kind: str, comp: Path, tmp_path: Path) -> str:
     if kind == "sample_names_missing":
         (comp / "sample_submission.csv").write_text("Id,Predicted\nb,1 1\nzz,1 1\n")
         return "'zz' names a fragment that is not in"
-    if kind == "symlink_outside":
-        outside = tmp_path / "elsewhere" / "30.tif"
-        outside.parent.mkdir()
-        shutil.copy(vol / "30.tif", outside)
+    if kind == "symlink_broken":  # #27 item 20: a link to another disk is followed; a broken one is refused
         (vol / "30.tif").unlink()
-        (vol / "30.tif").symlink_to(outside)
-        return "30.tif: resolves to"
+        (vol / "30.tif").symlink_to(tmp_path / "elsewhere" / "30.tif")
+        return "30.tif: broken symlink to"
     raise AssertionError(kind)
 
 
 BAD_INPUTS = ["missing_slice", "extra_slice", "slice_shape", "slice_dtype", "mask_shape", "truncated_tiff",
-              "corrupt_tiff", "non_tiff", "sample_names_missing", "symlink_outside"]  # fmt: skip
+              "corrupt_tiff", "non_tiff", "sample_names_missing", "symlink_broken"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
@@ -178,3 +175,22 @@ def test_fragment_smaller_than_one_window_is_zero_padded(manifest, tmp_path, sta
     ((frag_id, rle),) = read_submission(out / "submission.csv")
     assert frag_id == "a" and rle_decode(rle, (100, 90)).any()
     assert any("smaller than one window" in w for w in report_of(out)["warnings"])
+
+
+def test_slices_and_segments_linked_from_another_disk_are_followed(
+    data, manifest, tmp_path, reference, standins
+):
+    """#27 item 20: the data folder is the user's own; slices (and whole fragments) that are symlinks to another
+    folder are read through the links and give the bytes of the copies."""
+    comp = shutil.copytree(data, tmp_path / "comp")
+    elsewhere = tmp_path / "other_disk"
+    elsewhere.mkdir()
+    vol = comp / "test" / "a" / "surface_volume"
+    for f in sorted(vol.glob("*.tif"))[:10]:  # some slices linked one by one
+        f.rename(elsewhere / f.name)
+        f.symlink_to(elsewhere / f.name)
+    (comp / "test" / "b").rename(elsewhere / "b")  # a whole fragment linked
+    (comp / "test" / "b").symlink_to(elsewhere / "b")
+    out = tmp_path / "out"
+    assert run_cli(comp, out, manifest) == 0
+    assert (out / "submission.csv").read_bytes() == (reference / "submission.csv").read_bytes()

@@ -15,12 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def open_volume(fragment: Fragment) -> Volume | ZarrVolume:
-    """The fragment's slices, refusing any (symlinked) slice that resolves outside the folder of fragments.
-
-    The folder is taken after resolving, so a data mount that is itself a symlink (as Kaggle's may be) is fine.
-    """
-    volume = (ZarrVolume(fragment.path, fragment.layers) if fragment.layout == "zarr"
-              else Volume(fragment, root=fragment.path.resolve().parent))  # fmt: skip
+    """The fragment's slices (a TIFF stack, a zarr store), turned when the run asks for it (``--rotate``)."""
+    volume = ZarrVolume(fragment.path, fragment.layers) if fragment.layout == "zarr" else Volume(fragment)
     if not fragment.rotate:
         return volume
     from ink_infer.volumes.rotation import RotatedVolume

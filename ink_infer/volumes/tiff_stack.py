@@ -31,17 +31,18 @@ _SLICE_NAME = re.compile(r"(\d+)\.tiff?", re.IGNORECASE)
 class Volume:
     """The 65 slices of one fragment, checked at open and read by bands of rows.
 
-    ``root``: when given, slice files (after following symlinks) must lie inside it. ``memmapped`` is True when
-    every slice is uncompressed and memory-mapped (the fast path). ``warnings`` lists files that were ignored.
+    Slices may be symlinks anywhere (the data folder is the user's own, and researchers link segments from other
+    disks); a broken one is refused. ``memmapped`` is True when every slice is uncompressed and memory-mapped (the
+    fast path). ``warnings`` lists files that were ignored.
     """
 
-    def __init__(self, fragment: Fragment, *, root: Path | None = None) -> None:
+    def __init__(self, fragment: Fragment) -> None:
         self.fragment = fragment
-        self._base = Path(root) if root is not None else fragment.path.parent.parent
+        self._base = fragment.path.parent.parent  # paths in messages are shown relative to it
         if fragment.layout == "segment":
-            paths, self.warnings = _layer_paths(fragment, self._base, root), []
+            paths, self.warnings = _layer_paths(fragment, self._base), []
         else:
-            paths, self.warnings = _slice_paths(fragment.path / "surface_volume", self._base, root)
+            paths, self.warnings = _slice_paths(fragment.path / "surface_volume", self._base)
         self.paths = paths
         with contextlib.ExitStack() as stack:
             self._slices: list[MappedSlice | DecodedSlice] = []
@@ -103,7 +104,7 @@ class Volume:
         self.close()
 
 
-def _slice_paths(volume_dir: Path, base: Path, root: Path | None) -> tuple[list[Path], list[str]]:
+def _slice_paths(volume_dir: Path, base: Path) -> tuple[list[Path], list[str]]:
     """The 65 slice files ``00.tif .. 64.tif`` (``.tiff`` accepted), in order; UserError listing any gap or extra."""
     shown = shown_path(volume_dir, base)
     if not volume_dir.is_dir():
@@ -130,28 +131,26 @@ def _slice_paths(volume_dir: Path, base: Path, root: Path | None) -> tuple[list[
         raise UserError(f"{shown}: expected slices 00.tif..64.tif; {'; '.join(p for p in parts if p)}")
     paths = [by_index[z][0] for z in range(N_SLICES)]
     for path in paths:
-        _check_slice_file(path, base, root)
+        _check_slice_file(path, base)
     return paths, warnings
 
 
-def _layer_paths(fragment: Fragment, base: Path, root: Path | None) -> list[Path]:
+def _layer_paths(fragment: Fragment, base: Path) -> list[Path]:
     """A segment's 65 layer files, in the models' order (``Fragment.layers``)."""
     layers_dir = fragment.path / LAYERS_DIR
     files = layer_files(layers_dir, shown_path(layers_dir, base))
     paths = [files[i] for i in fragment.layers]
     for path in paths:
-        _check_slice_file(path, base, root)
+        _check_slice_file(path, base)
     return paths
 
 
-def _check_slice_file(path: Path, base: Path, root: Path | None) -> None:
+def _check_slice_file(path: Path, base: Path) -> None:
     shown = shown_path(path, base)
     if not path.exists():
         raise UserError(f"{shown}: broken symlink to {path.readlink()}")
     if not path.is_file():
         raise UserError(f"{shown}: not a file")
-    if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
-        raise UserError(f"{shown}: resolves to {path.resolve()}, outside the data folder {root}")
 
 
 def _check_dtypes(dtypes: list[np.dtype], paths: list[Path], base: Path) -> None:
