@@ -25,7 +25,8 @@ from ink_infer.manifest import DEMO_MANIFEST, Manifest, default_manifest
 from ink_infer.outputs.report import RunReport
 
 # RunConfig fields a caller of ``predict`` may set (the rest is the ensemble's, or makes no sense in memory)
-RUN_OPTIONS = ("stride", "tta", "batch_size", "devices", "unit_windows", "layers", "reverse_layers", "rotate",
+RUN_OPTIONS = ("stride", "tta", "batch_size", "devices", "unit_windows", "layers", "reverse_layers", "layer_axis",
+               "missing_chunks", "rotate",
                "compile", "budget", "on_model_error", "max_nonfinite", "fresh", "require_hashes")  # fmt: skip
 
 

@@ -18,6 +18,8 @@ TTA_MODES = ("none", "scheduled", "full")  # flip TTA: none, the reference's one
 COMPILE_MODES = ("none", "default", "max-autotune", "auto")  # --compile (engine.compiling)
 ROTATIONS = (0, 90, 180, 270)  # --rotate, degrees counterclockwise
 ON_MODEL_ERROR = ("skip", "fail")
+LAYER_AXES = ("first", "last")  # --layer-axis: where a zarr store's layers are
+MISSING_CHUNKS = ("warn", "refuse")  # --missing-chunks: a zarr store's chunks missing under the mask
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,12 @@ class RunConfig:
     argv: tuple[str, ...] = ()  # the command line, for report.json
     layers: tuple[int, int] | None = None  # --layers START:STOP of a segment's stack; None: the middle 65
     reverse_layers: bool = False  # --reverse-layers: the stack's depth runs the other way
+    layer_axis: str | None = (
+        None  # --layer-axis first | last: a zarr store's; None: from the store, mask or shape
+    )
+    missing_chunks: str = (
+        "warn"  # --missing-chunks warn | refuse: a zarr store's chunks missing under the mask
+    )
     save_probabilities: bool | None = (
         None  # probability TIFFs and ink PNGs; None: for segments, not Kaggle runs
     )
@@ -154,7 +162,7 @@ class RunConfig:
 
     @property
     def layer_choice(self):
-        return LayerChoice(self.layers, self.reverse_layers)
+        return LayerChoice(self.layers, self.reverse_layers, self.layer_axis)
 
     def threshold_over(self, manifests: ThresholdSpec) -> ThresholdSpec:
         """The run's threshold: the manifest's, with what --threshold and --threshold-region say instead."""
@@ -182,7 +190,9 @@ class RunConfig:
             raise UserError(str(e)) from None
         for option, value, choices in (("--rotate", self.rotate, ROTATIONS), ("--tta", self.tta, TTA_MODES),
                                        ("--compile", self.compile, COMPILE_MODES),
-                                       ("--on-model-error", self.on_model_error, ON_MODEL_ERROR)):  # fmt: skip
+                                       ("--on-model-error", self.on_model_error, ON_MODEL_ERROR),
+                                       ("--layer-axis", self.layer_axis, (None, *LAYER_AXES)),
+                                       ("--missing-chunks", self.missing_chunks, MISSING_CHUNKS)):  # fmt: skip
             if value not in choices:
                 raise UserError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")
         check_device_names(self.devices)

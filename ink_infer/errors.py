@@ -23,6 +23,14 @@ class DeviceError(Exception):
     would fail the same way, so the run ends (exit 1); finished results stay in OUT/partials for a rerun."""
 
 
+def size_text(n: float) -> str:
+    """A byte count as a person reads it, with the digits that tell two figures apart (``512.0 KiB``, ``3.2 GiB``)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def cuda_poisoned(e: BaseException) -> bool:
     """A CUDA error (illegal access, device-side assert, launch failure) leaves the context unusable: every later
     call on the device fails too. Asked only of an exception torch raised, so torch is imported already."""

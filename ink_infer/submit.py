@@ -22,6 +22,8 @@ from pathlib import Path
 
 from ink_infer.config import (
     COMPILE_MODES,
+    LAYER_AXES,
+    MISSING_CHUNKS,
     ON_MODEL_ERROR,
     ROTATIONS,
     TTA_MODES,
@@ -152,6 +154,12 @@ def _compute_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", default=None, metavar="START:STOP",
                    help="scroll segments: the 65 layers of a longer stack the models read (default: the middle "
                         "65)")  # fmt: skip
+    g.add_argument("--layer-axis", choices=LAYER_AXES, default=None,
+                   help="zarr stores: the axis the layers are on, where neither OME-Zarr axes, the mask's shape nor "
+                        "the array's shape tell (default: refused when ambiguous)")  # fmt: skip
+    g.add_argument("--missing-chunks", choices=MISSING_CHUNKS, default="warn",
+                   help="zarr stores: chunks missing under the mask (read as zeros) are counted and named in "
+                        "report.json, or refused before any compute")  # fmt: skip
     g.add_argument("--reverse-layers", action="store_true",
                    help="scroll segments whose depth runs the other way: the picked layers in reverse order")  # fmt: skip
     g.add_argument("--rotate", type=int, choices=ROTATIONS, default=0, metavar="DEGREES",
@@ -272,7 +280,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         devices=parse_devices(args.devices), unit_windows=args.unit_windows, num_parts=args.num_parts,
         part_id=args.part_id, merge_only=args.merge_only, partials=absolute(partials), keep_partials=keep,
         require_hashes=args.require_hashes, progress_every=args.progress_every, fresh=args.fresh,
-        layers=parse_layers(args.layers), reverse_layers=args.reverse_layers,
+        layers=parse_layers(args.layers), reverse_layers=args.reverse_layers, layer_axis=args.layer_axis,
+        missing_chunks=args.missing_chunks,
         save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps, rotate=args.rotate,
         argv=tuple(sys.argv[:1] + (sys.argv[1:] if argv is None else list(argv))),
     )  # fmt: skip

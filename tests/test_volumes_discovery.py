@@ -199,15 +199,19 @@ def test_non_tiff_named_as_slice(comp: Path) -> None:
     assert open_error(comp).startswith("test/a/surface_volume/50.tif: not a readable TIFF")
 
 
-def test_symlinked_slice_outside_root(comp: Path, tmp_path: Path) -> None:
+def test_symlinked_slice_outside_the_data_folder_is_followed_and_a_broken_one_refused(
+    comp: Path, tmp_path: Path
+):
+    """#27 item 20 reverses the old refusal: the data folder is the user's, links to other disks are read."""
     outside = tmp_path / "elsewhere" / "05.tif"
     outside.parent.mkdir()
     shutil.move(slice_path(comp, 5), outside)
     slice_path(comp, 5).symlink_to(outside)
-    message = open_error(comp, root=comp.parent)
-    assert "test/a/surface_volume/05.tif" in message and "outside" in message
-    with Volume(frag(comp)) as vol:  # without a root the link is followed
+    with Volume(frag(comp)) as vol:
         assert np.array_equal(vol.read_band(0, H, 5, 6)[0], tifffile.imread(outside))
+    outside.unlink()
+    message = open_error(comp)
+    assert "test/a/surface_volume/05.tif" in message and "broken symlink" in message
 
 
 # --- masks and labels -------------------------------------------------------------------------------------------

@@ -185,6 +185,7 @@ class Interruption:
 class FragmentPlanned:
     shape: list[int]
     windows: int
+    missing_chunks: list[str] = field(default_factory=list)  # a zarr store's chunks missing under the mask
 
 
 @dataclass

@@ -62,6 +62,7 @@ class FragmentPlan:
     ops: np.ndarray  # (N,) flip op
     notes: list[str] = field(default_factory=list)
     fingerprint: dict | None = None  # fragment_fingerprint: what a partial of this fragment is keyed by
+    missing_chunks: list[str] = field(default_factory=list)  # a zarr store's chunks missing under the mask
     rows: tuple[int, int] | None = (
         None  # a row range [r0, r1) of window-origin block rows; None: every window
     )
@@ -122,9 +123,14 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
         shape = (vol.height, vol.width)
         notes = list(vol.warnings)  # files in surface_volume/ that are not slices, ignored
         data = vol.describe()
-    mask, warning = load_mask(fragment, shape)
+        mask, warning = load_mask(fragment, shape)
+        # a zarr store may lack chunks (read as zeros): normal outside the papyrus, never silent under the mask
+        missing = vol.missing_under(mask) if hasattr(vol, "missing_under") else []
     if warning:
         notes.append(warning)
+    if missing:
+        notes.append(f"{fragment.path}: {len(missing)} chunk(s) under the mask are missing from the store and read "
+                     f"as zeros (first: {', '.join(missing[:3])}); --missing-chunks refuse stops such a run")  # fmt: skip
     touched = touched_blocks(mask)
     origins = window_origins(touched, stride_blocks=stride // BLOCK)
     if min(shape) < 256:
@@ -135,7 +141,7 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
         notes.append(f"fragment {fragment.id}: no mask pixel on the 32-pixel grid, empty prediction")
     return FragmentPlan(
         fragment, shape, mask, touched, origins, tta_ops(len(origins), mode=tta), notes=notes,
-        fingerprint=fragment_fingerprint(fragment, shape, mask, data),
+        fingerprint=fragment_fingerprint(fragment, shape, mask, data), missing_chunks=missing,
     )  # fmt: skip
 
 

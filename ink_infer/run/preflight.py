@@ -146,12 +146,41 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice)
     fragments = with_rotation(fragments, cfg.rotate, cfg.out)
     plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
+    holed = [p for p in plans if p.missing_chunks]
+    if holed and cfg.missing_chunks == "refuse":
+        raise UserError("\n".join(
+            f"{p.fragment.path}: {len(p.missing_chunks)} chunk(s) under the mask missing from the store (first: "
+            f"{', '.join(p.missing_chunks[:3])}); refused (--missing-chunks refuse)" for p in holed))  # fmt: skip
+    rotated = _turn(plans, cfg)  # the largest thing a --rotate run writes: counted first, then built
     disk = check_free_space(
         cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run, model_maps=cfg.save_model_maps
     )
+    disk["rotated_bytes"] = rotated
     for p in plans:
         warnings.extend(p.notes)
     return Inputs(manifest, tuple(plans), tuple(items), disk, warnings)
+
+
+def _turn(plans: Sequence[FragmentPlan], cfg: RunConfig) -> int:
+    """``--rotate``: the turned slices' cache of every fragment, counted against the room under OUT first, then
+    built (once, here: workers and ranks find it made; ``--fresh`` rebuilds it, as it recomputes everything).
+    Returns the bytes it needed."""
+    from ink_infer.errors import size_text
+    from ink_infer.volumes.reader import open_volume
+
+    turned = [p for p in plans if p.fragment.rotate]
+    need = 0
+    for p in turned:
+        with open_volume(p.fragment) as volume:
+            need += volume.cache_bytes(rebuild=cfg.fresh)
+    free = shutil.disk_usage(cfg.out).free
+    if need > free:
+        raise UserError(f"{cfg.out / 'rotated'}: {size_text(free)} free, --rotate needs {size_text(need)} "
+                        "for the turned slices: free some space or choose another --out")  # fmt: skip
+    for p in turned:
+        with open_volume(p.fragment) as volume:
+            volume.ensure(rebuild=cfg.fresh)
+    return need
 
 
 def check_manifest_files(manifest_path: Path, weights_dir: Path | None, *, allow_random: bool) -> Manifest:

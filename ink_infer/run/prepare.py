@@ -152,7 +152,7 @@ def start_report(run: PreparedRun, started: str) -> RunReport:
         stride=cfg.stride, tta=cfg.tta, threshold=dataclasses.asdict(run.threshold),
         environment={**environment(run.runtime.device), "compile": checks.compile},
         gpu_memory_fraction=run.runtime.gpu_memory_fraction, disk=checks.disk,
-        warnings=checks.warnings, fragments={p.id: FragmentPlanned(list(p.shape), len(p.origins)) for p in run.plans},
+        warnings=checks.warnings, fragments={p.id: FragmentPlanned(list(p.shape), len(p.origins), p.missing_chunks) for p in run.plans},
         partials=PartialsSummary(dir=None if cfg.dry_run else str(cfg.partials_dir.absolute()), fresh=cfg.fresh,
                                  keep=cfg.keep_partials),
         unverified_weights=checks.unverified,

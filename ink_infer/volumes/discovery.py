@@ -19,9 +19,10 @@ from ink_infer.volumes.segments import (
     is_segment,
     is_zarr,
     layer_files,
-    open_zarr_array,
     segment_id,
+    segment_masks,
 )
+from ink_infer.volumes.zarr_store import open_zarr_array
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,10 @@ def find_fragments(
 def _segment(path: Path, choice: LayerChoice) -> Fragment:
     """A scroll segment (``layers/`` or ``.zarr``), with the 65 layers of its stack that ``choice`` picks."""
     if is_zarr(path):
-        array, axis, _ = open_zarr_array(path)
-        return Fragment(
-            segment_id(path), path, layout="zarr", layers=choice.pick(array.shape[axis], str(path))
-        )
+        mask = next(iter(segment_masks(path)), None)
+        array, layout = open_zarr_array(path, layer_axis=choice.axis, mask=mask)
+        layers = choice.pick(array.shape[layout.layer_axis], str(path))
+        return Fragment(segment_id(path), path, layout="zarr", layers=layers, layer_axis=layout.layer_axis)
     files = layer_files(path / LAYERS_DIR, str(path / LAYERS_DIR))
     return Fragment(path.name, path, layout="segment", layers=choice.pick(len(files), str(path / LAYERS_DIR)))
 

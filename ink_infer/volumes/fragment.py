@@ -23,6 +23,7 @@ class Fragment:
     )
     layout: str = "kaggle"
     layers: tuple[int, ...] | None = None
+    layer_axis: int | None = None  # a zarr store's layer axis (0 or 2), decided when it was found
     rotate: int = 0  # --rotate: degrees the models see it turned counterclockwise (rotation.py)
     rotate_cache: Path | None = None  # where the turned slices are kept
 

@@ -6,20 +6,20 @@ from __future__ import annotations
 import logging
 
 from ink_infer.volumes.fragment import Fragment
-from ink_infer.volumes.segments import (
-    ZarrVolume,
-)
 from ink_infer.volumes.tiff_stack import Volume
+from ink_infer.volumes.zarr_store import ZarrVolume
 
 log = logging.getLogger(__name__)
 
 
 def open_volume(fragment: Fragment) -> Volume | ZarrVolume:
     """The fragment's slices (a TIFF stack, a zarr store), turned when the run asks for it (``--rotate``)."""
-    volume = ZarrVolume(fragment.path, fragment.layers) if fragment.layout == "zarr" else Volume(fragment)
+    if fragment.layout == "zarr":
+        volume = ZarrVolume(fragment.path, fragment.layers, fragment.layer_axis)
+    else:
+        volume = Volume(fragment)
     if not fragment.rotate:
         return volume
     from ink_infer.volumes.rotation import RotatedVolume
 
-    with volume:
-        return RotatedVolume(volume, fragment.rotate, fragment.rotate_cache)
+    return RotatedVolume(volume, fragment.rotate, fragment.rotate_cache)

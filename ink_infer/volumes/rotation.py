@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ink_infer.errors import UserError
+from ink_infer.errors import UserError, size_text
 from ink_infer.geometry import N_SLICES
 from ink_infer.volumes.slices import band_buffer
 
@@ -50,22 +50,42 @@ def turn_back(image: np.ndarray, angle: int) -> np.ndarray:
 
 
 class RotatedVolume:
-    """The 65 slices of ``volume`` turned by ``angle``, served by bands from a cache of memory-mapped ``.npy``."""
+    """The 65 slices of ``volume`` turned by ``angle``, served by bands from a cache of memory-mapped ``.npy``.
+
+    The cache is built on the first read (or by ``ensure``, which the run calls once its free-space check has
+    counted the cache), from ``volume``, which this object then owns and closes."""
 
     memmapped = True
 
     def __init__(self, volume, angle: int, cache: Path) -> None:
         self.warnings = list(volume.warnings)
         self.paths = list(volume.paths)
+        self._volume, self._angle, self._cache = volume, angle, cache
         self._source = (
             volume.describe()
         )  # the cache is derived from it: the fingerprint's data stays the source's
         h, w = volume.height, volume.width
         self.height, self.width = (w, h) if turns(angle) % 2 else (h, w)
-        source = {"angle": angle, "shape": [h, w], "data": self._source}
-        if not _cache_matches(cache, source):
-            _build(volume, angle, cache, source)
-        self._slices = [np.load(cache / f"{z:02d}.npy", mmap_mode="r") for z in range(N_SLICES)]
+        self._record = {"angle": angle, "shape": [h, w], "data": self._source}
+        self._slices: list | None = None
+
+    def cache_bytes(self, *, rebuild: bool = False) -> int:
+        """What ``ensure`` would write: nothing when the cache is there, matches its source and is not rebuilt."""
+        if not rebuild and _cache_matches(self._cache, self._record):
+            return 0
+        return N_SLICES * self.height * self.width * 2
+
+    def ensure(self, *, rebuild: bool = False) -> None:
+        """The cache built (again with ``rebuild``: ``--fresh`` bypasses every cache) and mapped."""
+        if rebuild or not _cache_matches(self._cache, self._record):
+            _build(self._volume, self._angle, self._cache, self._record)
+        self._slices = [np.load(self._cache / f"{z:02d}.npy", mmap_mode="r") for z in range(N_SLICES)]
+
+    def missing_under(self, mask: np.ndarray) -> list[str]:
+        """The source's chunks missing under ``mask`` (given turned, as the run sees it)."""
+        if not hasattr(self._volume, "missing_under"):
+            return []
+        return self._volume.missing_under(turn_back(mask, self._angle))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -76,6 +96,8 @@ class RotatedVolume:
         return self._source
 
     def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        if self._slices is None:
+            self.ensure()
         out = band_buffer(y0, y1, z0, z1, self.width, out)
         rows = max(0, min(y1, self.height) - y0)
         for k, z in enumerate(range(z0, z1)):
@@ -85,7 +107,8 @@ class RotatedVolume:
         return out
 
     def close(self) -> None:
-        self._slices = []
+        self._slices = None
+        self._volume.close()
 
     def __enter__(self) -> RotatedVolume:
         return self
@@ -110,8 +133,8 @@ def _build(volume, angle: int, cache: Path, source: dict) -> None:
         (cache / "source.json").unlink(missing_ok=True)
         have = sum(f.stat().st_size for f in cache.glob("*.npy")) + shutil.disk_usage(cache).free
         if have < need:
-            raise UserError(f"{cache}: {have / 2**30:.1f} GiB free, --rotate needs {need / 2**30:.1f} GiB for the "
-                            "turned slices: free some space or choose another --out")  # fmt: skip
+            raise UserError(f"{cache}: {size_text(have)} free, --rotate needs {size_text(need)} for the turned "
+                            "slices: free some space or choose another --out")  # fmt: skip
         for z in range(N_SLICES):
             plane = volume.read_band(0, volume.height, z, z + 1)[0]
             turned = np.ascontiguousarray(turn(plane, angle))

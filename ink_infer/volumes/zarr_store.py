@@ -1,0 +1,301 @@
+"""Zarr and OME-Zarr surface volumes: the array found (an array, or level 0 of a multiscale group), its layer axis
+decided without guessing, its chunks listed (what a partial is keyed by, and which are missing), and bands read
+chunk-wise behind the ``read_band`` interface of ``tiff_stack.Volume``.
+
+The layer axis: the store's own OME-Zarr ``axes`` when it has them, else ``--layer-axis``, else the mask's shape
+(the two spatial axes are the mask's), else the array's shape when it leaves no doubt (one of the first and last
+axes is too short to hold the 65 layers, or is at most half of both others); anything else is refused with one line
+naming ``--layer-axis``, never read the wrong way round.
+
+Chunks are listed once per run from the store's folder (names, sizes, mtimes; never read): their digest keys the
+partials and the ``--rotate`` cache, so a store rewritten in place is never mistaken for the old one; and a chunk
+that is missing under the mask (zarr would read its fill value, zeros) is counted and named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ink_infer.errors import UserError
+from ink_infer.geometry import N_SLICES
+from ink_infer.volumes.segments import LayerChoice
+from ink_infer.volumes.slices import SLICE_DTYPES, band_buffer, copy_scaled
+
+METADATA_NAMES = (".zarray", ".zgroup", ".zattrs", "zarr.json")
+LAYER_AXES = {"first": 0, "last": 2}
+
+
+@dataclass(frozen=True)
+class ZarrLayout:
+    """Where the surface volume is in a store: the array's folder and path, its layer axis (0 or 2), its chunk grid
+    (the shard's shape for sharded arrays: one file each) and how its chunk files are named."""
+
+    array_dir: Path
+    layer_axis: int
+    chunks: tuple[int, int, int]
+    separator: str  # between a chunk's indices in its file name
+    prefix: str  # before them ("c/" for zarr v3's default names)
+
+
+def open_zarr_array(path: Path, *, layer_axis: str | None = None, mask: Path | None = None):
+    """``(array, ZarrLayout)`` of the surface volume in ``path``; ``UserError`` for what is not one, or when its
+    layer axis cannot be told (``layer_axis``: ``--layer-axis``; ``mask``: the segment's mask, if any)."""
+    try:
+        import zarr
+    except ImportError:
+        raise UserError(
+            f"{path}: reading zarr volumes needs the zarr package: pip install 'ink_infer[zarr]'"
+        ) from None
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as e:  # zarr raises several kinds for a folder that is not a store
+        raise UserError(
+            f"{path}: not a readable zarr store ({type(e).__name__}: {e})".splitlines()[0]
+        ) from None
+    array_dir, axes = path, None
+    if not hasattr(node, "shape"):  # a group: OME-Zarr's level 0, else an array named "0"
+        level, axes = _level0(node)
+        if level is None or level not in node:
+            raise UserError(f"{path}: a zarr group without a multiscales level 0 or an array '0'")
+        node, array_dir = node[level], path / level
+    if len(node.shape) != 3:
+        raise UserError(
+            f"{path}: a {len(node.shape)}-D array {tuple(node.shape)}, expected 3-D (layers, H, W)"
+        )
+    if np.dtype(node.dtype) not in SLICE_DTYPES:
+        raise UserError(f"{path}: dtype {node.dtype}, expected uint16 or uint8")
+    axis = _layer_axis(tuple(node.shape), path, axes=axes, asked=layer_axis, mask=mask)
+    separator, prefix = _chunk_names(node)
+    grid = getattr(node, "shards", None) or node.chunks
+    return node, ZarrLayout(array_dir, axis, tuple(int(c) for c in grid), separator, prefix)
+
+
+def _level0(group) -> tuple[str | None, list | None]:
+    """Level 0's path in a group and the multiscale's ``axes`` (None when it has none)."""
+    attrs = dict(group.attrs)
+    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    if multiscales:
+        try:
+            return str(multiscales[0]["datasets"][0]["path"]), multiscales[0].get("axes")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None, None
+    return "0", None
+
+
+def _layer_axis(
+    shape: tuple[int, int, int], path: Path, *, axes, asked: str | None, mask: Path | None
+) -> int:
+    """The layer axis (0 or 2) by the rules of the module's docstring."""
+    if axes:
+        names = [(a.get("name") if isinstance(a, dict) else a) for a in axes]
+        names = [str(n).lower() for n in names]
+        spatial = [i for i, n in enumerate(names) if n in ("y", "x")]
+        if len(names) == 3 and len(spatial) == 2 and ({0, 1, 2} - set(spatial)) <= {0, 2}:
+            return ({0, 1, 2} - set(spatial)).pop()
+    if asked is not None:
+        return LAYER_AXES[asked]
+    size = png_size(mask) if mask is not None else None
+    if size is not None:
+        first, last = shape[1:] == size, shape[:2] == size
+        if first != last:
+            return 0 if first else 2
+        if not first:
+            raise UserError(
+                f"{path}: array {shape} read with the layers first is {shape[1]}x{shape[2]}, last "
+                f"{shape[0]}x{shape[1]}; its mask {mask.name} is {size[0]}x{size[1]}: neither fits"
+            )
+    able = [a for a in (0, 2) if shape[a] >= N_SLICES]
+    if len(able) == 1:
+        return able[0]
+    if not able:  # too few layers either way: LayerChoice.pick says so, of the shorter
+        return 2 if shape[2] < shape[0] else 0
+    short = min(able, key=lambda a: shape[a])
+    if all(shape[short] * 2 <= shape[a] for a in (0, 1, 2) if a != short):
+        return short
+    raise UserError(
+        f"{path}: array {shape}: the layers could be on the first or the last axis; say which with --layer-axis "
+        "first|last (or give the store OME-Zarr axes, or the segment its mask)"
+    )
+
+
+def png_size(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` of a PNG from its header (the image itself is not read); None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return int(height), int(width)
+
+
+def _chunk_names(array) -> tuple[str, str]:
+    """How the array's chunk files are named: the separator between indices and the prefix before them."""
+    meta = array.metadata
+    if getattr(meta, "zarr_format", 3) == 2:
+        return getattr(meta, "dimension_separator", None) or ".", ""
+    encoding = meta.chunk_key_encoding
+    separator = getattr(encoding, "separator", "/")
+    return separator, "c/" if getattr(encoding, "name", "default") == "default" else ""
+
+
+def chunk_files(layout: ZarrLayout) -> dict[tuple[int, int, int], tuple[int, int]]:
+    """Every chunk file of the array: its indices -> (size, mtime_ns). Listed, never read."""
+    found = {}
+    root = layout.array_dir
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name in METADATA_NAMES:
+                continue
+            full = os.path.join(folder, name)
+            key = os.path.relpath(full, root).replace(os.sep, "/")
+            if layout.prefix and not key.startswith(layout.prefix):
+                continue
+            parts = key[len(layout.prefix) :].split(layout.separator)
+            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+                continue
+            st = os.stat(full)
+            found[tuple(int(p) for p in parts)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def chunks_digest(files: dict[tuple[int, int, int], tuple[int, int]]) -> str:
+    """sha256 over every chunk's indices, size and mtime: what a rewrite of any chunk changes."""
+    h = hashlib.sha256()
+    for key in sorted(files):
+        h.update(repr((key, files[key])).encode())
+    return h.hexdigest()
+
+
+def chunk_name(layout: ZarrLayout, key: tuple[int, int, int]) -> str:
+    return layout.prefix + layout.separator.join(map(str, key))
+
+
+def metadata_files(*folders: Path) -> list[list]:
+    """The metadata files (zarr v2 and v3) of the store's top and of its array, with sizes and mtimes."""
+    found = []
+    for folder in dict.fromkeys(folders):
+        for name in METADATA_NAMES:
+            f = folder / name
+            if f.is_file():
+                st = f.stat()
+                found.append([f.as_posix(), st.st_size, st.st_mtime_ns])
+    return found
+
+
+class ZarrVolume:
+    """A zarr (or OME-Zarr level 0) surface volume with the ``read_band`` interface of ``tiff_stack.Volume``.
+
+    ``layers``: the stack indices the models' 65 layers read, and ``axis`` the layer axis, both decided when the
+    fragment was found. Reads are chunk-wise: a band of rows touches only the chunks it overlaps."""
+
+    memmapped = False
+
+    def __init__(self, path: Path, layers: tuple[int, ...] | None, axis: int | None = None) -> None:
+        asked = (
+            None if axis is None else {0: "first", 2: "last"}[axis]
+        )  # as decided when the fragment was found
+        array, self.layout = open_zarr_array(path, layer_axis=asked)
+        self.layer_axis = self.layout.layer_axis
+        self.path = path
+        self.paths: list[Path] = []  # no per-layer files (the fingerprint uses the chunks' listing)
+        self.warnings: list[str] = []
+        self._array = array
+        n_layers = array.shape[self.layer_axis]
+        self.layers = layers if layers is not None else LayerChoice().pick(n_layers, str(path))
+        rows = array.shape[1:] if self.layer_axis == 0 else array.shape[:2]
+        self.height, self.width = int(rows[0]), int(rows[1])
+        self._files: dict | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (N_SLICES, self.height, self.width)
+
+    def chunk_files(self) -> dict[tuple[int, int, int], tuple[int, int]]:
+        if self._files is None:
+            self._files = chunk_files(self.layout)
+        return self._files
+
+    def describe(self) -> dict:
+        """What the fingerprint of a zarr volume holds: its metadata, and its chunks' names, sizes and mtimes."""
+        a, files = self._array, self.chunk_files()
+        return {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
+                "layer_axis": self.layer_axis, "metadata": metadata_files(self.path, self.layout.array_dir),
+                "chunk_files": len(files), "chunks_digest": chunks_digest(files)}  # fmt: skip
+
+    def missing_under(self, mask: np.ndarray) -> list[str]:
+        """The chunks of the models' layers that hold mask pixels and are not in the store (zarr reads them as its
+        fill value), by name, in index order."""
+        layout, files = self.layout, self.chunk_files()
+        cz = layout.chunks[self.layer_axis]
+        ch, cw = (layout.chunks[1], layout.chunks[2]) if self.layer_axis == 0 else layout.chunks[:2]
+        zs = sorted({z // cz for z in self.layers})
+        missing = []
+        for cy in range(-(-self.height // ch)):
+            for cx in range(-(-self.width // cw)):
+                if not mask[cy * ch : (cy + 1) * ch, cx * cw : (cx + 1) * cw].any():
+                    continue
+                for z in zs:
+                    key = (z, cy, cx) if self.layer_axis == 0 else (cy, cx, z)
+                    if key not in files:
+                        missing.append(chunk_name(layout, key))
+        return missing
+
+    def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [y0, y1) of the models' layers [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 (uint8 x 257)."""
+        out = band_buffer(y0, y1, z0, z1, self.width, out)
+        rows = max(0, min(y1, self.height) - y0)
+        picked = self.layers[z0:z1]
+        lo, hi = min(picked), max(picked) + 1  # contiguous: the pick is a range, maybe reversed
+        if rows:
+            region = (slice(lo, hi), slice(y0, y0 + rows), slice(None))
+            if self.layer_axis != 0:
+                region = (slice(y0, y0 + rows), slice(None), slice(lo, hi))
+            block = self._read(region)
+            if self.layer_axis != 0:
+                block = np.moveaxis(block, 2, 0)
+            copy_scaled(block[[i - lo for i in picked]], out[:, :rows])
+        out[:, rows:] = 0
+        return out
+
+    def _read(self, region: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return np.asarray(self._array[region])
+        except Exception as e:  # noqa: BLE001 - codecs raise many types; the bad chunk is named below
+            raise UserError(self._bad_chunk(region, e)) from None
+
+    def _bad_chunk(self, region: tuple[slice, ...], error: Exception) -> str:
+        """One line naming the chunk of ``region`` that cannot be read (each is tried alone), and why."""
+        grid = self.layout.chunks
+        spans = [
+            range(s.start or 0, n if s.stop is None else s.stop)
+            for s, n in zip(region, self._array.shape, strict=True)
+        ]
+        keys = [range(r.start // g, -(-r.stop // g)) for r, g in zip(spans, grid, strict=True)]
+        for key in ((a, b, c) for a in keys[0] for b in keys[1] for c in keys[2]):
+            try:
+                np.asarray(
+                    self._array[tuple(slice(k * g, (k + 1) * g) for k, g in zip(key, grid, strict=True))]
+                )
+            except Exception as e:  # noqa: BLE001
+                why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                return f"{self.path}: chunk {chunk_name(self.layout, key)} cannot be read ({why})"
+        why = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        return f"{self.path}: cannot be read ({why})"
+
+    def close(self) -> None:
+        self._array = None
+
+    def __enter__(self) -> ZarrVolume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
