@@ -446,3 +446,27 @@ def test_parts_and_their_merge_warn_of_nothing(data, manifest, tmp_path, standin
     # the fragments' own notes only
     assert warned and all("smaller than one window" in w for w in warned), warned
     assert (out / "submission.csv").is_file()
+
+
+@pytest.mark.parametrize("case", ["other_options", "corrupt"])
+def test_merge_only_names_why_a_present_partial_cannot_be_used(
+    case, data, manifest, tmp_path, standins, capsys
+):
+    """#27 item 11: a partial that is there but made with other options, or unreadable, is named as such, not as
+    a part that has not finished."""
+    out = tmp_path / "out"
+    for part in ("0", "1"):
+        assert main(_standin_argv(data, out, manifest, "--num-parts", "2", "--part-id", part)) == 0
+    extra: tuple[str, ...] = ()
+    if case == "other_options":
+        extra = ("--tta", "none")
+    else:
+        next((out / "partials").glob("*.npz")).write_bytes(b"not a partial")
+    capsys.readouterr()
+    assert main(_standin_argv(data, out, manifest, "--merge-only", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and all(line.startswith("error: --merge-only: model ") for line in err)
+    if case == "other_options":
+        assert len(err) == 4 and all("made with other settings (tta differ" in line for line in err)
+    else:
+        assert len(err) == 1 and "unreadable" in err[0] and "has not finished" not in err[0]

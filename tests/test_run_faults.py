@@ -178,6 +178,33 @@ def test_disk_full_leaves_no_partial_submission(previous, data, manifest, refere
     assert all(f["partial"].startswith("not saved") for m in rep["models"] for f in m["fragments"].values())
 
 
+def test_a_disk_that_fills_while_results_are_written_says_so_once(data, manifest, tmp_path, monkeypatch, standins,
+                                                                    capsys, caplog):  # fmt: skip
+    """#27 item 14: partials, previews and progress reports that find no room are not a line each; the run says it
+    once (here: the submission that cannot be written, the one line the README promises)."""
+    import logging
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fill_disk(monkeypatch, out, lambda p: True)  # every file, report.json included
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(data, out, manifest) == 2
+    assert "submission.csv: cannot write (No space left on device)" in one_error_line(capsys)
+    assert [r.getMessage() for r in caplog.records if "No space" in r.getMessage()] == []
+
+
+def test_results_not_saved_for_want_of_room_are_counted_once_when_the_run_succeeds(data, manifest, tmp_path,
+                                                                                    monkeypatch, standins, caplog):  # fmt: skip
+    import logging
+
+    out = tmp_path / "out"
+    fill_disk(monkeypatch, out, lambda p: p.suffix == ".npz")
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(data, out, manifest) == 0
+    said = [r.getMessage() for r in caplog.records if "no space" in r.getMessage().lower()]
+    assert len(said) == 1 and "4 finished result(s) not saved" in said[0]
+
+
 def test_disk_full_on_the_final_report_rewrites_it_in_place_and_keeps_the_submission(data, manifest, tmp_path, monkeypatch, standins, capsys):  # fmt: skip
     """No room for a second copy of report.json: the old one is truncated and rewritten, so it ends in its final
     status, never in a stale "running"."""

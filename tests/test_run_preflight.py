@@ -4,8 +4,10 @@ skips a model only for what a model can cause. Stand-in models and data come fro
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -355,3 +357,51 @@ def test_a_damaged_mask_gives_our_line_only(data, manifest, tmp_path, capfd):
     assert run_cli(comp, out, manifest) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "mask.png" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "case", ["tiff_is_a_folder", "tiff_read_only", "png_is_a_folder", "model_map_folder"]
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_compute(case, data, manifest, tmp_path, standins,
+                                                                        capsys):  # fmt: skip
+    """#27 item 8: ``--save-probabilities`` (and ``--save-model-maps``) outputs checked before compute: a folder or
+    a read-only file where one goes is one line, exit 2, and nothing computed."""
+    out = tmp_path / "out"
+    (out / "probabilities").mkdir(parents=True)
+    (out / "masks").mkdir()
+    extra = ["--save-probabilities"]
+    if case == "tiff_is_a_folder":
+        (out / "probabilities" / "a.tif").mkdir()
+        needle = "probabilities/a.tif: a folder, where the run writes its probability map"
+    elif case == "tiff_read_only":
+        (out / "probabilities" / "b.tif").write_bytes(b"")
+        (out / "probabilities" / "b.tif").chmod(0o444)
+        needle = "probabilities/b.tif: read-only"
+        if os.access(out / "probabilities" / "b.tif", os.W_OK):
+            pytest.skip("running as a user who may write read-only files (root)")
+    elif case == "png_is_a_folder":
+        (out / "masks" / "b.png").mkdir()
+        needle = "masks/b.png: a folder, where the run writes its ink mask"
+    else:
+        (out / "probabilities" / "a.m3d.tif").mkdir()
+        extra.append("--save-model-maps")
+        needle = "probabilities/a.m3d.tif: a folder, where the run writes its model map"
+    assert run_cli(data, out, manifest, *extra) == 2
+    assert needle in one_error_line(capsys)
+    assert not (out / "partials").exists() and not (out / "submission.csv").exists()
+
+
+def test_a_map_that_fails_to_write_ends_the_run_with_one_line(data, manifest, tmp_path, standins, monkeypatch,
+                                                              capsys):  # fmt: skip
+    """#27 item 8: a requested map that cannot be written at the end is an error (exit 2), not a warning and 0."""
+    from ink_infer.outputs import write
+
+    def fail(path, *args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+    monkeypatch.setattr(write, "write_mask_png", fail)
+    out = tmp_path / "out"
+    assert run_cli(data, out, manifest, "--save-probabilities") == 2
+    line = one_error_line(capsys)
+    assert "masks/" in line and "cannot write (Input/output error)" in line
+    assert report_of(out)["status"] == "failed" and (out / "partials").is_dir()

@@ -8,6 +8,8 @@ previews, checkpoints and the hashed manifest all go through here.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -42,3 +44,14 @@ def atomic_torch_save(payload: object, path: Path) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def note_unwritten(log: logging.Logger, path: Path, error: OSError, what: str = "not written") -> None:
+    """A write the run goes on without (a partial, a preview, a progress report) failed. A full disk is not said
+    here, once per file: the run says it once, at its end (the file it could not do without, or a count of what
+    was not saved); any other cause is warned about as it happens."""
+    line = f"{path}: {what} ({error.strerror or error})"
+    if error.errno == errno.ENOSPC:
+        log.debug(line)
+    else:
+        log.warning(line)

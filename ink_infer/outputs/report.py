@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ink_infer.errors import ErrorKind, UserError
-from ink_infer.outputs.atomic import atomic_write_text
+from ink_infer.outputs.atomic import atomic_write_text, note_unwritten
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def write_report(path: Path, report: RunReport, t0: float | None, *, final: bool
         if final:
             done = "submission.csv was written" if report.submission else "no submission in a dry run"
             raise UserError(f"{path}: cannot write ({why}); {done}") from None
-        log.warning("%s: cannot write (%s)", path, why)
+        note_unwritten(log, path, e, "cannot write")
 
 
 def _replace_in_place(path: Path, text: str) -> bool:

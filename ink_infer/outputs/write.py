@@ -16,6 +16,7 @@ import numpy as np
 
 from ink_infer.config import ThresholdSpec
 from ink_infer.errors import UserError
+from ink_infer.outputs.atomic import note_unwritten
 from ink_infer.outputs.ensemble import FragmentEnsemble
 from ink_infer.outputs.maps import TILE, write_mask_png, write_probability_tiff
 from ink_infer.outputs.previews import PreviewAccumulator, write_accumulated_preview
@@ -129,7 +130,7 @@ def _fragment_outputs(plan: FragmentPlan, ens: FragmentEnsemble, options: Output
         try:
             write_accumulated_preview(path, tally.preview, fragment_id=plan.id, threshold=output.threshold)
         except OSError as e:
-            log.warning("%s: preview not written (%s)", path, e.strerror or e)
+            note_unwritten(log, path, e, "preview not written")
     return (plan.fragment.submission_id, tally.rle.text()), output, written
 
 
@@ -150,11 +151,11 @@ class _Tally:
 
 
 def _written(path: Path, write) -> list[str]:
-    """``[path]`` once ``write(path)`` wrote it; a picture that cannot be written is a warning (the submission is
-    what must not fail)."""
+    """``[path]`` once ``write(path)`` wrote it: a map the run was asked for (``--save-probabilities``, or a
+    segment's by default) that cannot be written ends the run (a ``UserError``; the partials stay for a rerun)."""
     try:
         write(path)
     except OSError as e:
-        log.warning("%s: not written (%s)", path, e.strerror or e)
-        return []
+        raise UserError(f"{path}: cannot write ({e.strerror or e}); the finished results are kept in the "
+                        "partials: rerun the same command once it can be written") from None  # fmt: skip
     return [str(path)]

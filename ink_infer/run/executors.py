@@ -145,13 +145,13 @@ class MergeOnly:
         """Every unit of every model that did not fail must have its partial; else one line each."""
         computed = Computed.from_parts(read_parts(run.cfg.out))
         store = run.store()
-        missing = [
-            f"model {spec.name}, unit {item.id}: no partial in {store.root} (its part has not finished)"
+        found = (
+            (spec.name, item.id, store.why_missing(Unit(spec, w, item)))
             for spec, w in run.models
             if spec.name not in computed.failed
             for item in run.items
-            if not store.has(Unit(spec, w, item))
-        ]
+        )
+        missing = [f"model {name}, unit {unit}: {why}" for name, unit, why in found if why is not None]
         if missing:
             raise UserError("\n".join(["--merge-only: " + m for m in missing]))
         return computed

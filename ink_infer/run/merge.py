@@ -124,7 +124,8 @@ def _model_map_kept(run: PreparedRun, plan: FragmentPlan, model: str, rows):
         turned = (turned_band(kept.piece, plan.shape, angle, lo, hi) for lo, hi in bands(shape[0], TILE))
         try:
             write_probability_tiff(path, shape, turned)
-        except OSError as e:
-            log.warning("%s: not written (%s)", path, e.strerror or e)
+        except OSError as e:  # asked for (--save-model-maps): an output that cannot be written ends the run
+            raise UserError(f"{path}: cannot write ({e.strerror or e}); the finished results are kept in the "
+                            "partials: rerun the same command once it can be written") from None  # fmt: skip
     finally:
         kept.delete()

@@ -32,7 +32,7 @@ import numpy as np
 from ink_infer.config import ModelSpec
 from ink_infer.engine.tiling import blocks_of, image_of
 from ink_infer.geometry import BLOCK
-from ink_infer.outputs.atomic import atomic_write
+from ink_infer.outputs.atomic import atomic_write, note_unwritten
 from ink_infer.outputs.report import FragmentResult
 from ink_infer.run.plan import Unit, UnitSettings
 
@@ -102,6 +102,27 @@ class PartialStore:
             return None
         return FragmentResult.from_dict(meta.get("stats", {})) if meta.get("digest") == digest else None
 
+    def why_missing(self, unit: Unit) -> str | None:
+        """None when the unit's partial is there with its key; else what is wrong, for a person: no file (its part
+        has not finished), a file made with other settings (naming what differs), or an unreadable file."""
+        path = self.path(unit.model.name, unit.fragment.id)
+        digest, key = unit_key(unit, self.settings)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"][()]))
+        except FileNotFoundError:
+            return f"no partial in {self.root} (its part has not finished)"
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            return f"{path}: unreadable ({type(e).__name__}), recompute its part"
+        if meta.get("digest") == digest:
+            return None
+        saved = meta.get("key") if isinstance(meta.get("key"), dict) else {}
+        differ = sorted(k for k in key.keys() | saved.keys() if saved.get(k) != key.get(k))
+        return (
+            f"{path} was made with other settings ({', '.join(differ) or 'its key'} differ: another stride, "
+            "TTA, device, manifest entry, weights, data or version): rerun its part with these options"
+        )
+
     def clear(self) -> int:
         """Remove the partials in the store (and the folder, once empty): after a successful submission on
         Kaggle, where they would land in the notebook's saved output. Only files ink_infer wrote go
@@ -141,7 +162,7 @@ class PartialStore:
                 path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), covered=covered, values=values)
             )
         except OSError as e:
-            log.warning("%s: partial not saved (%s); the run goes on without it", path, e.strerror or e)
+            note_unwritten(log, path, e, "partial not saved; the run goes on without it")
             return f"not saved ({e.strerror or e})"
         return None
 

@@ -119,6 +119,12 @@ def write_tail(run: PreparedRun, report: RunReport, ensembles: list[FragmentEnse
     remove_scratch(scratch_path(cfg.partials_dir))  # before the partials' folder may go
     if not cfg.keep_partials:  # the submission is written: nothing left to resume
         report.partials.deleted = run.store().clear()
+    unsaved = [
+        r.partial for m in report.models for r in m.fragments.values() if "No space" in (r.partial or "")
+    ]
+    if unsaved:  # said once, here, not once per file as the disk filled
+        log.warning("%s: %d finished result(s) not saved (no space left on device): a rerun recomputes them",
+                    cfg.partials_dir, len(unsaved))  # fmt: skip
 
 
 def check_some_model_finished(run: PreparedRun, ensembles: list[FragmentEnsemble]) -> None:

@@ -10,6 +10,7 @@ of importing torch and timm; ``check_weights`` (the checkpoints opened against t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,6 +152,7 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
         raise UserError("\n".join(
             f"{p.fragment.path}: {len(p.missing_chunks)} chunk(s) under the mask missing from the store (first: "
             f"{', '.join(p.missing_chunks[:3])}); refused (--missing-chunks refuse)" for p in holed))  # fmt: skip
+    check_output_targets(cfg, plans, manifest)
     rotated = _turn(plans, cfg)  # the largest thing a --rotate run writes: counted first, then built
     disk = check_free_space(
         cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run, model_maps=cfg.save_model_maps
@@ -159,6 +161,45 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     for p in plans:
         warnings.extend(p.notes)
     return Inputs(manifest, tuple(plans), tuple(items), disk, warnings)
+
+
+def output_targets(
+    cfg: RunConfig, plans: Sequence[FragmentPlan], manifest: Manifest
+) -> list[tuple[Path, str]]:
+    """Every file the run's outputs will be written to, with what it is: what ``outputs.write`` writes."""
+    if cfg.dry_run or cfg.num_parts > 1:
+        return [(cfg.out / "report.json", "report")]
+    maps = cfg.save_probabilities
+    if maps is None:  # the pipeline's default: segments get their maps, Kaggle fragments their submission
+        maps = any(p.fragment.layout != "kaggle" for p in plans)
+    found = [(cfg.out / "submission.csv", "submission"), (cfg.out / "report.json", "report")]
+    for p in plans:
+        if cfg.previews:
+            found.append((cfg.out / "previews" / f"{p.id}.png", "preview"))
+        if maps:
+            found += [(cfg.out / "probabilities" / f"{p.id}.tif", "probability map"),
+                      (cfg.out / "masks" / f"{p.id}.png", "ink mask")]  # fmt: skip
+        if cfg.save_model_maps:
+            found += [
+                (cfg.out / "probabilities" / f"{p.id}.{s.name}.tif", "model map") for s in manifest.models
+            ]
+    return found
+
+
+def check_output_targets(cfg: RunConfig, plans: Sequence[FragmentPlan], manifest: Manifest) -> None:
+    """Each output's file can be written, before any compute: not a folder, not a read-only file, in a folder
+    that is (or can be made) writable. One line per file that cannot."""
+    bad = []
+    for path, what in output_targets(cfg, plans, manifest):
+        folder = _existing(path.parent)
+        if path.is_dir():
+            bad.append(f"{path}: a folder, where the run writes its {what}")
+        elif path.exists() and not os.access(path, os.W_OK):
+            bad.append(f"{path}: read-only, where the run writes its {what}")
+        elif not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            bad.append(f"{folder}: not a writable folder, where the run writes its {what} {path.name}")
+    if bad:
+        raise UserError("\n".join(dict.fromkeys(bad)))
 
 
 def _turn(plans: Sequence[FragmentPlan], cfg: RunConfig) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ink_infer.config import ModelSpec
 from ink_infer.errors import ErrorKind
-from ink_infer.outputs.atomic import atomic_write_text
+from ink_infer.outputs.atomic import atomic_write_text, note_unwritten
 from ink_infer.outputs.progress import RunProgress
 from ink_infer.outputs.report import ModelResult, PartReport, json_text
 from ink_infer.run.claims import Claims, claim_name
@@ -138,7 +138,7 @@ def write_part(out: Path, part: PartReport) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json_text(dataclasses.asdict(part)))
     except OSError as e:
-        log.warning("%s: cannot write (%s)", path, e.strerror or e)
+        note_unwritten(log, path, e, "cannot write")
 
 
 def read_parts(out: Path) -> list[PartReport]:
