@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
-        return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        return e.exit_code  # 130 for SIGINT, 143 for SIGTERM (the shell's convention); 1 for a lost rank
     if cfg.dry_run and report.projection is None:  # a torchrun rank but rank 0
         print(f"{report.mode}: the dry run is rank 0's; its report.json projects every rank's share")
         return 0

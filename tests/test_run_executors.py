@@ -470,3 +470,30 @@ def test_merge_only_names_why_a_present_partial_cannot_be_used(
         assert len(err) == 4 and all("made with other settings (tta differ" in line for line in err)
     else:
         assert len(err) == 1 and "unreadable" in err[0] and "has not finished" not in err[0]
+
+
+def test_a_rank_that_ends_first_is_one_line_an_interrupted_report_and_a_rerun_resumes(
+    data, manifest, tmp_path, standins, monkeypatch, capsys
+):
+    """#27 item 6: torchrun with one rank killed: rank 0's barrier meets a broken connection (gloo's RuntimeError);
+    that is one line and the interrupted status, not a traceback; the same command without torchrun resumes."""
+    from ink_infer.run import executors
+
+    class BrokenGroup:
+        def barrier(self):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(executors, "_join_group", lambda hours: BrokenGroup())
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    assert main(_standin_argv(data, out, manifest)) == 1
+    line = one_error_line(capsys)
+    assert line.startswith("error: interrupted by another torchrun rank ending") and "rerun" in line
+    rep = report_of(out)
+    assert rep["status"] == "interrupted" and rep["interrupted"]["signal"] == "another torchrun rank ending"
+    assert list((out / "partials").glob("*.npz"))  # rank 0's share, saved before the barrier
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    assert main(_standin_argv(data, out, manifest)) == 0
+    assert report_of(out)["partials"]["reused"]  # what rank 0 saved is not computed again

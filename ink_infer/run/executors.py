@@ -36,7 +36,7 @@ from ink_infer.run.shares import (
     read_parts,
     share_progress,
 )
-from ink_infer.run.stop import Interrupted, StopRequest
+from ink_infer.run.stop import Interrupted, RankLost, StopRequest
 from ink_infer.run.workers import WorkerJob, WorkerRun, run_workers, worker_threads, write_shares
 
 log = logging.getLogger(__name__)
@@ -114,15 +114,18 @@ class Parts:
                              [self.label(j) for j in range(self.n)])  # fmt: skip
         share = shares[self.i]
         group = _join_group(cfg.budget.hours) if self.torchrun else None
+        ctx = run.context(
+            stop, eta=EtaMonitor.for_budget(cfg.budget, t0), store=run.store(),
+            progress=share_progress(share, every=cfg.progress_every, quiet=cfg.quiet),
+        )  # fmt: skip
         try:
-            ctx = run.context(
-                stop, eta=EtaMonitor.for_budget(cfg.budget, t0), store=run.store(),
-                progress=share_progress(share, every=cfg.progress_every, quiet=cfg.quiet),
-            )  # fmt: skip
             part = compute_share(share, ctx, cfg.out)
-        finally:
-            if group is not None:
-                group.barrier()  # every rank has saved its units (or failed: rank 0 recomputes what is missing)
+        except BaseException:
+            if group is not None:  # let the others go on to the merge; what ends this rank is raised as it is
+                _barrier(group, raising=False)
+            raise
+        if group is not None:
+            _barrier(group)  # every rank has saved its units (or failed: rank 0 recomputes what is missing)
         if self.torchrun and self.i == 0:
             return Computed.from_parts(read_parts(cfg.out))  # rank 0 merges every rank's units
         return Computed(own_part=part)
@@ -138,6 +141,17 @@ def _join_group(hours: float):
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(hours=hours + 1))
     return dist
+
+
+def _barrier(group, *, raising: bool = True) -> None:
+    """Wait for every rank. A rank that ended first (killed, its node gone) breaks gloo's connection: that is a
+    ``RankLost`` here (one line, the interrupted status, a rerun resumes), not gloo's traceback."""
+    try:
+        group.barrier()
+    except RuntimeError as e:  # torch.distributed.DistBackendError and gloo's own errors are RuntimeErrors
+        log.debug("the barrier failed: %s", e)
+        if raising:
+            raise RankLost() from None
 
 
 class MergeOnly:

@@ -32,7 +32,7 @@ from ink_infer.run.executors import Parts, executor_for, makespan_hours
 from ink_infer.run.merge import run_models
 from ink_infer.run.preflight import Inputs
 from ink_infer.run.prepare import Checked, PreparedRun, prepare, start_report
-from ink_infer.run.stop import Interrupted, StopRequest, signal_name
+from ink_infer.run.stop import Interrupted, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,10 @@ def run(cfg: RunConfig, inputs: Inputs | None = None, *, checked: Checked | None
         except Interrupted as e:
             running = [m.name for m in report.models if m.status == "interrupted"]
             report.status = "interrupted"
-            report.interrupted = Interruption(signal_name(e.signum), running[-1] if running else None)
+            report.interrupted = Interruption(e.cause, running[-1] if running else None)
             write_report(report_path, report, t0, final=False)
-            raise Interrupted(e.signum, interrupted_message(report, cfg)) from None
+            e.args = (interrupted_message(report, cfg),)
+            raise
         except (ModelRunError, UserError, DeviceError) as e:
             report.status, report.error = "failed", str(e)
             write_report(report_path, report, t0, final=False)

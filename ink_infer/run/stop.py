@@ -18,7 +18,32 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, message: str | None = None) -> None:
         self.signum = signum
-        super().__init__(message or f"interrupted by {signal_name(signum)}")
+        super().__init__(message or f"interrupted by {self.cause}")
+
+    @property
+    def cause(self) -> str:
+        return signal_name(self.signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class RankLost(Interrupted):
+    """A torchrun rank ended before the others met it at the barrier (killed, or its node gone): this rank stops
+    too, its saved results kept for a rerun (which resumes from them). Exit code 1: no signal reached this one."""
+
+    def __init__(self, message: str | None = None) -> None:
+        self.signum = 0
+        Exception.__init__(self, message or f"interrupted: {self.cause}")
+
+    @property
+    def cause(self) -> str:
+        return "another torchrun rank ending"
+
+    @property
+    def exit_code(self) -> int:
+        return 1
 
 
 def signal_name(signum: int) -> str:
