@@ -207,3 +207,30 @@ def test_tuning_routes_swinv2_attention_through_sdpa_only_when_faster(monkeypatc
     plain = ModelSpec(name="r", arch="2.5d", in_chans=5, z_range=(0, 10), backbone="resnet10t")
     assert tuning._pick_attention(torch.nn.Linear(1, 1), plain, 1, 3.0, device=torch.device("cpu"),
                                   dtype=torch.float32) == (None, 3.0)  # fmt: skip
+
+
+def test_a_compiled_run_under_quiet_prints_only_its_own_lines(tmp_path):
+    """#27 item 19: inductor's compile on the CPU makes torch warn (``No CUDA runtime is found, using CUDA_HOME``);
+    under ``--quiet`` a run prints its own warnings only. A fresh interpreter and inductor cache: the warning is
+    torch's first compile's."""
+    import os
+    import subprocess
+    import sys
+
+    from ink_infer.synthetic.fragments import write_dataset
+
+    data = write_dataset(tmp_path / "data", test=[("a", 160, 192)], seed=2)
+    m = json.loads(json.dumps(SMALL_MODELS))
+    m["models"] = m["models"][:1]
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ink_infer.submit", "--data", str(data), "--out", str(tmp_path / "out"), "--manifest",
+         str(tmp_path / "m.json"), "--allow-random-weights", "--stride", "64", "--compile", "default", "--quiet",
+         "--no-previews"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert report_of(tmp_path / "out")["models"][0]["tuning"]["compile"] == "default"  # it did compile
+    theirs = [line for line in proc.stderr.splitlines() if line and not line.startswith("WARNING ")]
+    assert theirs == [], theirs

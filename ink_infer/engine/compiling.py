@@ -17,6 +17,7 @@ with ``TORCHINDUCTOR_CACHE_DIR``; it is valid only for the same torch, Triton an
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -54,6 +55,20 @@ def use_cache_under(out: Path) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(out).absolute() / "inductor_cache"))
 
 
+@contextlib.contextmanager
+def _torch_warnings_silenced():
+    """torch's own warnings while inductor compiles (``No CUDA runtime is found, using CUDA_HOME=...`` on the CPU,
+    and the like) are not the user's to act on, and would break ``--quiet``: errors only, in the block. A compile
+    that fails is reported by the run itself (the model runs eager, with a warning of ours)."""
+    logger = logging.getLogger("torch")
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def compile_model(
     model: torch.nn.Module, mode: str, example: torch.Tensor
 ) -> tuple[torch.nn.Module, float | None, str | None]:
@@ -65,7 +80,7 @@ def compile_model(
     compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
     t0 = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_warnings_silenced():
             compiled(example)
         if example.is_cuda:
             torch.cuda.synchronize(example.device)
