@@ -100,10 +100,11 @@ def predict(ensemble: Ensemble, path: str | Path, *, out: str | Path | None = No
     """Run ``ensemble`` over the one fragment or segment at ``path`` (a Kaggle fragment folder, a segment folder
     with ``layers/``, a ``.zarr``): see ``predict_all``."""
     from ink_infer.volumes.discovery import find_fragments
+    from ink_infer.volumes.segments import LayerChoice
 
     _check_options(options)
     if Path(path).exists():  # counted before anything runs (a missing path is predict_all's one line)
-        n = len(find_fragments(Path(path))[0])
+        n = len(find_fragments(Path(path), layers=LayerChoice(axis=options.get("layer_axis")))[0])
         if n != 1:
             raise UserError(f"{path}: {n} fragments or segments, expected one (predict_all runs several)")
     found = predict_all(ensemble, path, out=out, threshold=threshold, **options)
@@ -117,7 +118,7 @@ def predict_all(ensemble: Ensemble, data: str | Path, *, out: str | Path | None 
     ``out``: where the run's partials and report.json go, so that a second call resumes (default: a temporary
     folder, removed afterwards). ``threshold``: the quantile (default: the manifest's). ``options``: the CLI's
     run options by their RunConfig names (``RUN_OPTIONS``: stride, tta, batch_size, devices, layers, reverse_layers,
-    rotate, ...)."""
+    layer_axis, rotate, ...)."""
     unknown = sorted(set(options) - set(RUN_OPTIONS))
     if unknown:
         raise UserError(
