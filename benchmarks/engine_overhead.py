@@ -26,9 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ink_infer.config import ModelSpec
-from ink_infer.engine.predict import PassSettings, Windows, predict_fragment
+from ink_infer.engine.predict import PassSettings, predict_fragment
 from ink_infer.engine.stitch import finalize
-from ink_infer.engine.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
+from ink_infer.engine.tiling import (
+    Windows,
+    cover_grid,
+    coverage_blocks,
+    touched_blocks,
+    tta_ops,
+    window_origins,
+)
 from ink_infer.synthetic.fragments import write_dataset
 from ink_infer.volumes.fragment import Fragment
 from ink_infer.volumes.masks import load_mask

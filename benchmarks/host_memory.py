@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np, torch
 from ink_infer.config import ModelSpec
 from ink_infer.volumes.discovery import Fragment, Volume, load_mask
-from ink_infer.engine.predict import PassSettings, Windows, predict_fragment
+from ink_infer.engine.predict import PassSettings, predict_fragment
+from ink_infer.engine.tiling import Windows
 from ink_infer.outputs.rle import rle_encode
 from ink_infer.engine.stitch import finalize
 from ink_infer.engine.tiling import coverage_blocks, touched_blocks, tta_ops, window_origins

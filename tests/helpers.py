@@ -69,7 +69,8 @@ def write_manifest(path: Path, change) -> Path:
 def predict_pass(model, spec, volume, touched, origins, ops, *, on_batch=None, **how):
     """``engine.predict.predict_fragment`` with its windows and settings given loose, as the engine tests vary
     them one at a time."""
-    from ink_infer.engine.predict import PassSettings, Windows, predict_fragment
+    from ink_infer.engine.predict import PassSettings, predict_fragment
+    from ink_infer.engine.tiling import Windows
 
     return predict_fragment(
         model, spec, volume, Windows(touched, origins, ops), PassSettings(**how), on_batch=on_batch

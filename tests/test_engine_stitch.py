@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from ink_infer.config import ModelSpec
+from ink_infer.engine.predict import PassSettings
+from ink_infer.engine.probability import probability_map
 from ink_infer.engine.stitch import finalize, to_float
 from ink_infer.engine.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
 from tests.helpers import predict_pass
@@ -17,21 +19,10 @@ CPU = torch.device("cpu")
 
 
 def run_engine(model, spec, vol, mask, *, tta="scheduled", batch_size=5, rows_per_band=3, stride_blocks=1):
-    touched = touched_blocks(mask)
-    origins = window_origins(touched, stride_blocks=stride_blocks)
-    ops = tta_ops(len(origins), mode=tta)
-    sum_map, stats = predict_pass(
-        model, spec, vol, touched, origins, ops, device=CPU, dtype=torch.float32, batch_size=batch_size, tta=tta,
-        rows_per_band=rows_per_band,
-    )  # fmt: skip
-    count = coverage_blocks(
-        origins,
-        cover_grid(mask.shape),
-        tile_blocks=spec.tile // 32,
-        offset_blocks=spec.offset // 32,
-        side_blocks=spec.side // 32,
-    )
-    return finalize(sum_map, count, mask), count, stats, origins
+    """``engine.probability.probability_map`` on the CPU with small bands and batches (many of each)."""
+    how = PassSettings(CPU, torch.float32, batch_size, tta=tta, rows_per_band=rows_per_band)
+    prob, count, stats, windows = probability_map(model, spec, vol, mask, how, stride_blocks=stride_blocks)
+    return prob, count, stats, windows.origins
 
 
 @pytest.mark.parametrize("shape", [(233, 301), (160, 97), (300, 260)])

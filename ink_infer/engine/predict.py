@@ -23,7 +23,7 @@ import torch
 from ink_infer.config import ModelSpec
 from ink_infer.engine.stitch import SumMap, upsample_probs
 from ink_infer.engine.stream import SlabReader, keep_pixels, rows_per_band_for, slab_plan
-from ink_infer.engine.tiling import band_plan, cover_grid
+from ink_infer.engine.tiling import Windows, band_plan, cover_grid
 from ink_infer.engine.windows import (
     WindowBuffer,
     apply_flips,
@@ -95,16 +95,6 @@ class _Runner:
             chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))])
         with torch.inference_mode():
             return self.model(chunk.to(self.dtype))[:n].float()
-
-
-@dataclass(frozen=True)
-class Windows:
-    """The windows one pass runs over a fragment: ``touched`` ``(gh, gw)`` bool, the blocks read as data;
-    ``origins`` ``(N, 2)`` block coords of the windows, in the reference's order; ``ops`` ``(N,)`` their flip op."""
-
-    touched: np.ndarray
-    origins: np.ndarray
-    ops: np.ndarray
 
 
 @dataclass(frozen=True)

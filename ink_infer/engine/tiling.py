@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ink_infer.config import ModelSpec
 from ink_infer.geometry import BLOCK
 
 # flip op k % 4 of the reference schedule: 0 none, 1 flip H, 2 flip W, 3 flip both
@@ -166,3 +167,30 @@ def image_of(blocks: np.ndarray, keep: np.ndarray) -> np.ndarray:
     out = np.zeros((gh, gw, BLOCK, BLOCK, *rest), dtype=blocks.dtype)
     out[keep] = blocks
     return np.ascontiguousarray(out.swapaxes(1, 2).reshape(gh * BLOCK, gw * BLOCK, *rest))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The windows one pass runs over a fragment: ``touched`` ``(gh, gw)`` bool, the blocks read as data;
+    ``origins`` ``(N, 2)`` block coords of the windows, in the reference's order; ``ops`` ``(N,)`` their flip op."""
+
+    touched: np.ndarray
+    origins: np.ndarray
+    ops: np.ndarray
+
+
+def windows_of(mask: np.ndarray, *, stride_blocks: int = 1, tta: str = "scheduled") -> Windows:
+    """The reference's windows over a ``(H, W)`` bool mask: blocks it touches, origins in the reference's order
+    every ``stride_blocks`` blocks, and their flip ops."""
+    touched = touched_blocks(mask)
+    origins = window_origins(touched, stride_blocks=stride_blocks)
+    return Windows(touched, origins, tta_ops(len(origins), mode=tta))
+
+
+def spec_coverage(origins: np.ndarray, shape: tuple[int, int], spec: ModelSpec) -> np.ndarray:
+    """``(ch, cw)`` int32: how many of the model's squares cover each block of the cover grid of a fragment of
+    ``shape`` (the partial blocks of the remainder rows and columns included, as the reference counted them)."""
+    return coverage_blocks(
+        origins, cover_grid(shape), tile_blocks=spec.tile // BLOCK, offset_blocks=spec.offset // BLOCK,
+        side_blocks=spec.side // BLOCK,
+    )  # fmt: skip

@@ -17,8 +17,8 @@ import torch
 
 from ink_infer.config import ModelSpec
 from ink_infer.engine.compiling import compile_model
-from ink_infer.engine.predict import PassSettings, PredictStats, Windows, predict_fragment
-from ink_infer.engine.tiling import spread_sample
+from ink_infer.engine.predict import PassSettings, PredictStats, predict_fragment
+from ink_infer.engine.tiling import Windows, spread_sample
 from ink_infer.engine.tuning import tune
 from ink_infer.errors import DeviceError, ModelRunError, UserError
 from ink_infer.models import build_model

@@ -17,7 +17,7 @@ import numpy as np
 
 from ink_infer import geometry
 from ink_infer.config import ModelSpec
-from ink_infer.engine.tiling import cover_grid, coverage_blocks, touched_blocks, tta_ops, window_origins
+from ink_infer.engine.tiling import cover_grid, spec_coverage, windows_of
 from ink_infer.geometry import BLOCK, MAX_ROWS_PER_BAND
 from ink_infer.volumes.fragment import Fragment
 from ink_infer.volumes.masks import load_mask
@@ -131,8 +131,8 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
     if missing:
         notes.append(f"{fragment.path}: {len(missing)} chunk(s) under the mask are missing from the store and read "
                      f"as zeros (first: {', '.join(missing[:3])}); --missing-chunks refuse stops such a run")  # fmt: skip
-    touched = touched_blocks(mask)
-    origins = window_origins(touched, stride_blocks=stride // BLOCK)
+    windows = windows_of(mask, stride_blocks=stride // BLOCK, tta=tta)
+    touched, origins = windows.touched, windows.origins
     if min(shape) < 256:
         notes.append(
             f"fragment {fragment.id} ({shape[0]}x{shape[1]}) is smaller than one window: zero-padded"
@@ -140,7 +140,7 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
     if len(origins) == 0:
         notes.append(f"fragment {fragment.id}: no mask pixel on the 32-pixel grid, empty prediction")
     return FragmentPlan(
-        fragment, shape, mask, touched, origins, tta_ops(len(origins), mode=tta), notes=notes,
+        fragment, shape, mask, touched, origins, windows.ops, notes=notes,
         fingerprint=fragment_fingerprint(fragment, shape, mask, data), missing_chunks=missing,
     )  # fmt: skip
 
@@ -164,13 +164,7 @@ def fragment_fingerprint(fragment: Fragment, shape: tuple[int, int], mask: np.nd
 def model_count(plan: FragmentPlan, spec: ModelSpec) -> np.ndarray:
     """``(ch, cw)`` int32: how many of the model's squares cover each block of the fragment's cover grid (the
     partial blocks of the remainder rows and columns included, as the reference counted them)."""
-    return coverage_blocks(
-        plan.origins,
-        cover_grid(plan.shape),
-        tile_blocks=spec.tile // BLOCK,
-        offset_blocks=spec.offset // BLOCK,
-        side_blocks=spec.side // BLOCK,
-    )
+    return spec_coverage(plan.origins, plan.shape, spec)
 
 
 @dataclass(frozen=True)
