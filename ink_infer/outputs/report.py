@@ -47,6 +47,17 @@ class FragmentResult:
     device: str | None = None  # where it was computed (a worker's device, or this process's)
 
     @classmethod
+    def of_pass(cls, stats, device: str) -> FragmentResult:
+        """The result of one pass of the engine (``engine.predict.PredictStats``) on ``device``."""
+        per_window = stats.seconds / stats.windows if stats.windows else None
+        return cls(
+            windows=stats.windows, seconds=stats.seconds, ms_per_window=per_window * 1000 if per_window else None,
+            wait_read_s=stats.wait_read_s, nonfinite_windows=stats.nonfinite_windows, batch_size=stats.batch_size,
+            first_batch_s=stats.first_batch_s, oom_retries=stats.oom_retries, device=device,
+            batch_ms_per_window=stats.batch_ms_per_window,
+        )  # fmt: skip
+
+    @classmethod
     def from_dict(cls, d: dict) -> FragmentResult:
         """From the stats saved with a partial (unknown keys, from another version, are dropped)."""
         names = {f.name for f in dataclasses.fields(cls)}

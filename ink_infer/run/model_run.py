@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +82,26 @@ def _held(unit: Unit, sum_map: np.ndarray, saved: bool) -> np.ndarray | InPartia
 
 
 @dataclass(frozen=True)
+class UnitDone:
+    """One unit finished, computed here or found in the partials: its result, its sums (or ``IN_PARTIALS``; None
+    when only the partials hold it, for the merge), what to warn of, and a partial that could not be used."""
+
+    unit_id: str
+    result: FragmentResult | None = None
+    sums: np.ndarray | InPartials | None = None
+    warnings: tuple[str, ...] = ()
+    ignored: str | None = None  # why an earlier partial of the unit was not used
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The model loaded for this process's units: what ``load_weights`` found (None: random init) and its tuning."""
+
+    load: dict | None
+    tuning: dict
+
+
+@dataclass(frozen=True)
 class ModelRunContext:
     """What a model runs within, the same for every model of a process: the options, the device, and the run's
     shared services (stop requests, the budget's clock, the partials, the progress display, a shared queue).
@@ -127,16 +147,6 @@ def unit_windows(unit: Unit, options: ModelRunOptions) -> int:
     return min(unit.windows, options.max_windows) if options.dry_run else unit.windows
 
 
-def fragment_result(stats: PredictStats, device: torch.device) -> FragmentResult:
-    per_window = stats.seconds / stats.windows if stats.windows else None
-    return FragmentResult(
-        windows=stats.windows, seconds=stats.seconds, ms_per_window=per_window * 1000 if per_window else None,
-        wait_read_s=stats.wait_read_s, nonfinite_windows=stats.nonfinite_windows, batch_size=stats.batch_size,
-        first_batch_s=stats.first_batch_s, oom_retries=stats.oom_retries, device=str(device),
-        batch_ms_per_window=stats.batch_ms_per_window,
-    )  # fmt: skip
-
-
 def run_model(
     spec: ModelSpec, weights: Weights, plans: Sequence[FragmentPlan], ctx: ModelRunContext
 ) -> ModelRun:
@@ -162,15 +172,19 @@ def run_model(
         if (
             ctx.claims is not None
         ):  # a worker of a shared queue: the merge reads the partials, not this process
-            todo = _free_units(units, store, ctx.claims, result)
+            found = _free_units(units, store, ctx.claims)
         else:
-            if store is not None:
-                sums.update(_reuse_partials(units, store, result, ctx.saved_elsewhere))
-            todo = [u for u in units if u.fragment.id not in sums]
+            found = _reuse_partials(units, store, ctx.saved_elsewhere) if store is not None else []
+        _record(result, sums, found)
+        done = {d.unit_id for d in found if d.result is not None}
+        todo = [u for u in units if u.fragment.id not in done and (ctx.claims is None or ctx.claims.free(u))]
         if progress is not None:
             progress.start_model(spec.name, sum(unit_windows(u, options) for u in todo))
-        if todo:
-            sums.update(_compute(spec, weights, todo, ctx, result))
+        for event in _compute(spec, weights, todo, ctx) if todo else ():
+            if isinstance(event, Loaded):
+                result.load, result.tuning = event.load, event.tuning
+            else:
+                _record(result, sums, [event])
         # in row order, reused or computed (a worker of a shared queue: those it took)
         result.fragments = {p.id: result.fragments[p.id] for p in plans if p.id in result.fragments}
         result.status = "ok"
@@ -198,6 +212,18 @@ def run_model(
     return ModelRun(result, sums if result.status == "ok" and not options.dry_run else {})
 
 
+def _record(result: ModelResult, sums: dict, found: list[UnitDone]) -> None:
+    """The model's record (``result``, owned by ``run_model``) and its sums, with what its units gave."""
+    for d in found:
+        if d.ignored is not None:
+            result.ignored_partials.append([d.unit_id, d.ignored])
+        if d.result is not None:
+            result.fragments[d.unit_id] = d.result
+            result.warnings.extend(d.warnings)
+        if d.sums is not None:
+            sums[d.unit_id] = d.sums
+
+
 def _measured(result: ModelResult, runtime: Runtime, t_model: float) -> ModelResult:
     result.seconds = time.perf_counter() - t_model
     result.gpu_peak_gib = gpu_peaks_gib(runtime.device)
@@ -206,36 +232,35 @@ def _measured(result: ModelResult, runtime: Runtime, t_model: float) -> ModelRes
 
 
 def _compute(
-    spec: ModelSpec, weights: Weights, todo: list[Unit], ctx: ModelRunContext, result: ModelResult
-) -> dict[str, np.ndarray | InPartials]:
+    spec: ModelSpec, weights: Weights, todo: list[Unit], ctx: ModelRunContext
+) -> Iterator[Loaded | UnitDone]:
     """Build and load the model, tune it, run the units ``todo`` (with ``ctx.claims``: those it takes, the first
-    of them before the model is loaded), free it. Returns their sum maps by unit id."""
+    of them before the model is loaded), free it. Yields ``Loaded`` once the model is ready, then a ``UnitDone``
+    per unit as it is finished and saved: what is yielded before a failure is the model's record of it."""
     if ctx.claims is not None:
         first = next((i for i, u in enumerate(todo) if ctx.claims.take(u)), None)
         if first is None:  # every unit was taken by other workers meanwhile: nothing to load the model for
-            return {}
+            return
         todo = todo[first:]
     model = None
     try:
-        model, fixed_batch = _prepared(spec, weights, todo, ctx, result)
-        sums = {}
-        pass_ = _Pass(model, ctx, result.tuning["batch_size"], fixed_batch, sum(u.windows for u in todo))
+        model, fixed_batch, loaded = _prepared(spec, weights, todo, ctx)
+        yield loaded
+        pass_ = _Pass(model, ctx, loaded.tuning["batch_size"], fixed_batch, sum(u.windows for u in todo))
         for n, unit in enumerate(todo):
             ctx.stop.check()
             if ctx.claims is not None and n > 0 and not ctx.claims.take(unit):
                 pass_.windows_left -= unit.windows  # another worker computes it
                 continue
             sum_map, stats = _run_unit(unit, pass_)
-            frag = fragment_result(stats, ctx.runtime.device)
-            result.fragments[unit.fragment.id] = frag
-            result.warnings.extend(
-                check_outputs(spec.name, unit.fragment.id, frag, limit=ctx.options.max_nonfinite)
-            )
+            frag = FragmentResult.of_pass(stats, str(ctx.runtime.device))
+            warnings = check_outputs(spec.name, unit.fragment.id, frag, limit=ctx.options.max_nonfinite)
             if ctx.store is not None:
                 frag.partial = ctx.store.save(unit, sum_map, frag) or PARTIAL_SAVED
-            sums[unit.fragment.id] = _held(unit, sum_map, frag.partial == PARTIAL_SAVED)
+            yield UnitDone(
+                unit.fragment.id, frag, _held(unit, sum_map, frag.partial == PARTIAL_SAVED), tuple(warnings)
+            )
             del sum_map
-        return sums
     finally:
         # careful release: once per model, not per batch (empty_cache is slow when overused)
         del model
@@ -245,18 +270,17 @@ def _compute(
 
 
 def _prepared(
-    spec: ModelSpec, weights: Weights, todo: list[Unit], ctx: ModelRunContext, result: ModelResult
-) -> tuple[GuardedModel, bool]:
+    spec: ModelSpec, weights: Weights, todo: list[Unit], ctx: ModelRunContext
+) -> tuple[GuardedModel, bool, Loaded]:
     """The model loaded, checked against the weights checked at the start, tuned, checked against the budget by
-    its probe, and compiled (after that check: no compile for a skipped model); its tuning in ``result``.
-    Returns the model and whether its batches must keep one shape (compiled)."""
+    its probe, and compiled (after that check: no compile for a skipped model). Returns the model, whether its
+    batches must keep one shape (compiled), and what loading and tuning found."""
     options, runtime = ctx.options, ctx.runtime
     try:
         model, info = load_model(spec, weights.path, device=runtime.device, dtype=runtime.dtype)
     except UserError as e:  # checked at the start, so the file changed since: this model's failure alone
         raise ModelRunError(f"weights unusable mid-run: {e}") from None
     model = GuardedModel(model)
-    result.load = info
     if weights.path is None:
         log.warning("model %s: random weights (--allow-random-weights)", spec.name)
     elif info["sha256"] != weights.sha256:
@@ -265,15 +289,15 @@ def _prepared(
         model, spec, device=runtime.device, dtype=runtime.dtype, gpu_mem_gb=options.gpu_mem_gb,
         requested=options.batch_size,
     )  # fmt: skip
-    result.tuning = tuning.as_dict()
+    tuned = tuning.as_dict()
     if ctx.eta is not None and tuning.s_per_window is not None:
         ctx.eta.check(sum(u.windows for u in todo) * tuning.s_per_window, "by its probe")
     model.inner, compile_s, eager_why = compile_model(
         model.inner, options.compile, _example_batch(spec, tuning.batch_size, runtime)
     )
-    result.tuning.update(compile=options.compile if eager_why is None else "none", compile_s=compile_s,
-                         compile_note=eager_why)  # fmt: skip
-    return model, eager_why is None and options.compile != "none"
+    tuned.update(compile=options.compile if eager_why is None else "none", compile_s=compile_s,
+                 compile_note=eager_why)  # fmt: skip
+    return model, eager_why is None and options.compile != "none", Loaded(info, tuned)
 
 
 @dataclass
@@ -327,46 +351,46 @@ def _run_unit(unit: Unit, pass_: _Pass) -> tuple[np.ndarray, PredictStats]:
     return sum_map, stats
 
 
-def _free_units(
-    units: list[Unit], store: PartialStore | None, claims: Claims, result: ModelResult
-) -> list[Unit]:
-    """A worker's units still free in the queue and without a partial; one with its partial (from an earlier run)
-    is taken and recorded as reused, its blocks left on disk for the merge."""
-    free = []
+def _free_units(units: list[Unit], store: PartialStore | None, claims: Claims) -> list[UnitDone]:
+    """A worker's free units that have a partial (from an earlier run): each taken and found reused, its blocks
+    left on disk for the merge. The others (free, without a partial) are the worker's to compute."""
+    found = []
     for unit in units:
         if not claims.free(unit):
             continue
         frag = store.saved_result(unit) if store is not None else None
-        if frag is None:
-            free.append(unit)
-        elif claims.take(unit):
+        if frag is not None and claims.take(unit):
             frag.partial = PARTIAL_REUSED
-            result.fragments[unit.fragment.id] = frag
-    return free
+            found.append(UnitDone(unit.fragment.id, frag))
+    return found
 
 
 def _reuse_partials(
-    units: list[Unit], store: PartialStore, result: ModelResult, saved_elsewhere: frozenset[tuple[str, str]]
-) -> dict[str, np.ndarray | InPartials]:
-    """The sum maps of the units that earlier runs with the same key left in the store, by unit id (a large
-    fragment's as ``IN_PARTIALS``: read back when merged); those another process of this run saved
-    (``saved_elsewhere``) are recorded as ``saved``, the others as ``reused``."""
-    found: dict[str, np.ndarray] = {}
+    units: list[Unit], store: PartialStore, saved_elsewhere: frozenset[tuple[str, str]]
+) -> list[UnitDone]:
+    """The units that earlier runs with the same key left in the store, with their sum maps (a large fragment's as
+    ``IN_PARTIALS``: read back when merged); those another process of this run saved (``saved_elsewhere``) are
+    found ``saved``, the others ``reused``; a partial that cannot be used says why."""
+    found: list[UnitDone] = []
     for unit in units:
         frag_id = unit.fragment.id
         sum_map, frag, why = store.load(unit)
         if sum_map is None:
             if why is not None:
-                result.ignored_partials.append([frag_id, why])
+                found.append(UnitDone(frag_id, ignored=why))
                 log.info("partial of %s on %s not used: %s", unit.model.name, frag_id, why)
             continue
         frag.partial = PARTIAL_SAVED if (unit.model.name, frag_id) in saved_elsewhere else PARTIAL_REUSED
-        found[frag_id] = _held(unit, sum_map, True)
-        del sum_map
-        result.fragments[frag_id] = frag
-        result.warnings.extend(check_outputs(unit.model.name, frag_id, frag))
-    if found:
-        log.info(
-            "model %s: %d of %d fragments from %s", units[0].model.name, len(found), len(units), store.root
+        found.append(
+            UnitDone(
+                frag_id,
+                frag,
+                _held(unit, sum_map, True),
+                tuple(check_outputs(unit.model.name, frag_id, frag)),
+            )
         )
+        del sum_map
+    reused = sum(d.result is not None for d in found)
+    if reused:
+        log.info("model %s: %d of %d fragments from %s", units[0].model.name, reused, len(units), store.root)
     return found
