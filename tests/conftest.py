@@ -1,4 +1,4 @@
-"""Fixtures shared by the CLI tests (test_cli, test_faults, test_validation): data written once per session, the
+"""Fixtures shared by the CLI tests (test_submit*, test_run_*): data written once per session, the
 small manifest, stand-in models with injectable faults, one reference run; and the ``gpu`` marker's skip."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 ``--num-parts`` + ``--merge-only``, on three small real models over two fragments, one of them split by rows.
 
 Workers and ranks are fresh interpreters (no monkeypatching reaches them), so these runs use the small real models
-of test_cli.py at stride 64; each takes seconds. On the CPU, oneDNN's convolutions round differently with a
+of test_submit.py at stride 64; each takes seconds. On the CPU, oneDNN's convolutions round differently with a
 different thread count, and each CPU worker computes with one thread: so every run here computes with one thread
 per process, the single-process reference included (the ``one_thread`` fixture, ``OMP_NUM_THREADS=1``)."""
 

@@ -227,7 +227,7 @@ def test_disk_full_on_the_final_report_with_no_room_at_all_removes_the_stale_one
 
     monkeypatch.setattr(
         report_mod, "open", no_room, raising=False
-    )  # shadows the builtin inside results.py only
+    )  # shadows the builtin inside outputs/report.py only
     assert run_cli(data, out, manifest) == 2
     assert (
         "report.json: cannot write (No space left on device); submission.csv was written"

@@ -2,7 +2,7 @@
 
 Runs in-process (``submit.main(argv)``) with small real models at a large stride, so the whole path (discovery,
 validation, streaming, models, stitching, threshold, RLE, report, previews) is exercised in seconds. Bad input,
-failing models, a full disk, signals and resume are in test_faults.py.
+failing models, a full disk, signals and resume are in test_run_inputs.py and test_run_faults.py.
 """
 
 from __future__ import annotations
