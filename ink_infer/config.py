@@ -20,6 +20,7 @@ ROTATIONS = (0, 90, 180, 270)  # --rotate, degrees counterclockwise
 ON_MODEL_ERROR = ("skip", "fail")
 LAYER_AXES = ("first", "last")  # --layer-axis: where a zarr store's layers are
 MISSING_CHUNKS = ("warn", "refuse")  # --missing-chunks: a zarr store's chunks missing under the mask
+PROB_FORMATS = {"tiff": ".tif", "ome-zarr": ".ome.zarr"}  # --prob-format: the probability maps' file suffixes
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class RunConfig:
         None  # probability TIFFs and ink PNGs; None: for segments, not Kaggle runs
     )
     save_model_maps: bool = False  # also each model's probability TIFF
+    prob_format: str = "tiff"  # --prob-format tiff | ome-zarr (an NGFF multiscale pyramid)
     rotate: int = (
         0  # --rotate: degrees the input is turned counterclockwise before inference (outputs turned back)
     )
@@ -192,7 +194,8 @@ class RunConfig:
                                        ("--compile", self.compile, COMPILE_MODES),
                                        ("--on-model-error", self.on_model_error, ON_MODEL_ERROR),
                                        ("--layer-axis", self.layer_axis, (None, *LAYER_AXES)),
-                                       ("--missing-chunks", self.missing_chunks, MISSING_CHUNKS)):  # fmt: skip
+                                       ("--missing-chunks", self.missing_chunks, MISSING_CHUNKS),
+                                       ("--prob-format", self.prob_format, tuple(PROB_FORMATS))):  # fmt: skip
             if value not in choices:
                 raise UserError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")
         check_device_names(self.devices)

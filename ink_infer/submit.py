@@ -25,6 +25,7 @@ from ink_infer.config import (
     LAYER_AXES,
     MISSING_CHUNKS,
     ON_MODEL_ERROR,
+    PROB_FORMATS,
     ROTATIONS,
     TTA_MODES,
     Budget,
@@ -218,6 +219,9 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-probabilities", action=argparse.BooleanOptionalAction, default=None,
                    help="write OUT/probabilities/<id>.tif (full-resolution uint8, tiled) and OUT/masks/<id>.png "
                         "(default: for scroll segments, not for Kaggle fragments)")  # fmt: skip
+    g.add_argument("--prob-format", choices=tuple(PROB_FORMATS), default="tiff",
+                   help="the probability maps' files: a tiled uint8 TIFF, or an OME-Zarr multiscale pyramid "
+                        "(what VC3D, napari and neuroglancer open; needs the zarr package)")  # fmt: skip
     g.add_argument("--save-model-maps", action="store_true",
                    help="also each model's probability map, OUT/probabilities/<id>.<model>.tif")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="only warnings, errors and the final table")
@@ -282,7 +286,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         require_hashes=args.require_hashes, progress_every=args.progress_every, fresh=args.fresh,
         layers=parse_layers(args.layers), reverse_layers=args.reverse_layers, layer_axis=args.layer_axis,
         missing_chunks=args.missing_chunks,
-        save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps, rotate=args.rotate,
+        save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps,
+        prob_format=args.prob_format, rotate=args.rotate,
         argv=tuple(sys.argv[:1] + (sys.argv[1:] if argv is None else list(argv))),
     )  # fmt: skip
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ink_infer.config import ThresholdSpec
+from ink_infer.config import PROB_FORMATS, ThresholdSpec
 from ink_infer.errors import UserError
 from ink_infer.outputs.atomic import note_unwritten
 from ink_infer.outputs.ensemble import FragmentEnsemble
 from ink_infer.outputs.maps import TILE, write_mask_png, write_probability_tiff
+from ink_infer.outputs.ome_zarr import write_probability_ome_zarr
 from ink_infer.outputs.previews import PreviewAccumulator, write_accumulated_preview
 from ink_infer.outputs.raster import array_piece, bands, turned_band, turned_shape
 from ink_infer.outputs.report import FragmentOutput, SubmissionResult
@@ -34,7 +35,21 @@ class OutputOptions:
     out: Path
     threshold: ThresholdSpec
     previews: bool = True
-    probabilities: bool = False  # OUT/probabilities/<id>.tif and OUT/masks/<id>.png
+    probabilities: bool = False  # OUT/probabilities/<id>.tif (or .ome.zarr) and OUT/masks/<id>.png
+    prob_format: str = "tiff"  # --prob-format tiff | ome-zarr
+
+
+def probability_path(out: Path, stem: str, fmt: str) -> Path:
+    """``OUT/probabilities/<stem>.tif`` or ``.ome.zarr``: where a probability map of ``--prob-format fmt`` goes."""
+    return out / "probabilities" / f"{stem}{PROB_FORMATS[fmt]}"
+
+
+def write_probability(path: Path, shape: tuple[int, int], bands, fmt: str) -> None:
+    """The ``(H, W)`` float32 map, given as consecutive bands of rows, written as ``--prob-format fmt`` asks."""
+    if fmt == "ome-zarr":
+        write_probability_ome_zarr(path, shape, bands)
+    else:
+        write_probability_tiff(path, shape, bands)
 
 
 def write_outputs(
@@ -115,8 +130,8 @@ def _fragment_outputs(plan: FragmentPlan, ens: FragmentEnsemble, options: Output
 
     written, tally = [], _Tally(shape, options.previews)
     if options.probabilities:
-        tiff = options.out / "probabilities" / f"{plan.id}.tif"
-        written += _written(tiff, lambda p: write_probability_tiff(p, shape, tallied(tally)))
+        path = probability_path(options.out, plan.id, options.prob_format)
+        written += _written(path, lambda p: write_probability(p, shape, tallied(tally), options.prob_format))
     if not written:  # not asked for, or it failed part way: the pass the submission needs, without the TIFF
         tally = _Tally(shape, options.previews)
         for _ in tallied(tally):

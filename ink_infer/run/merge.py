@@ -18,9 +18,10 @@ import numpy as np
 from ink_infer.engine.stitch import merge_ranges
 from ink_infer.errors import UserError
 from ink_infer.outputs.ensemble import FragmentEnsemble
-from ink_infer.outputs.maps import TILE, write_probability_tiff
+from ink_infer.outputs.maps import TILE
 from ink_infer.outputs.raster import Raster, bands, is_large, scratch_dir, turned_band, turned_shape
 from ink_infer.outputs.report import RunReport, write_report
+from ink_infer.outputs.write import probability_path, write_probability
 from ink_infer.run.budget import EtaMonitor, project
 from ink_infer.run.executors import Computed
 from ink_infer.run.faults import RunEnded
@@ -118,12 +119,12 @@ def _model_map_kept(run: PreparedRun, plan: FragmentPlan, model: str, rows):
         for y0, prob in rows:
             kept.write(y0, prob)  # before the ensemble weights it in place
             yield y0, prob
-        path = run.cfg.out / "probabilities" / f"{plan.id}.{model}.tif"
+        path = probability_path(run.cfg.out, f"{plan.id}.{model}", run.cfg.prob_format)
         angle = plan.fragment.rotate
         shape = turned_shape(plan.shape, angle)
         turned = (turned_band(kept.piece, plan.shape, angle, lo, hi) for lo, hi in bands(shape[0], TILE))
         try:
-            write_probability_tiff(path, shape, turned)
+            write_probability(path, shape, turned, run.cfg.prob_format)
         except OSError as e:  # asked for (--save-model-maps): an output that cannot be written ends the run
             raise UserError(f"{path}: cannot write ({e.strerror or e}); the finished results are kept in the "
                             "partials: rerun the same command once it can be written") from None  # fmt: skip

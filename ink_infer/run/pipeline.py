@@ -114,7 +114,7 @@ def write_tail(run: PreparedRun, report: RunReport, ensembles: list[FragmentEnse
     if maps is None:  # researchers' segments get their pictures of the ink; Kaggle runs a submission
         maps = any(p.fragment.layout != "kaggle" for p in run.plans)
     report.submission = write_outputs(
-        list(run.plans), ensembles, OutputOptions(cfg.out, run.threshold, cfg.previews, maps),
+        list(run.plans), ensembles, OutputOptions(cfg.out, run.threshold, cfg.previews, maps, cfg.prob_format),
         partials_kept=report.partials_kept, partials_dir=cfg.partials_dir,
     )  # fmt: skip
     remove_scratch(scratch_path(cfg.partials_dir))  # before the partials' folder may go

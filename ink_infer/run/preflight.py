@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ink_infer.config import RunConfig
+from ink_infer.config import PROB_FORMATS, RunConfig
 from ink_infer.errors import UserError
 from ink_infer.geometry import BLOCK
 from ink_infer.manifest import Manifest, find_weights, load_manifest, verify_file
@@ -163,6 +163,12 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     return Inputs(manifest, tuple(plans), tuple(items), disk, warnings)
 
 
+_SUFFIX = {
+    "tiff": ".tif",
+    "ome-zarr": ".ome.zarr",
+}  # outputs.write.PROB_SUFFIX, without importing the outputs
+
+
 def output_targets(
     cfg: RunConfig, plans: Sequence[FragmentPlan], manifest: Manifest
 ) -> list[tuple[Path, str]]:
@@ -177,7 +183,7 @@ def output_targets(
         if cfg.previews:
             found.append((cfg.out / "previews" / f"{p.id}.png", "preview"))
         if maps:
-            found += [(cfg.out / "probabilities" / f"{p.id}.tif", "probability map"),
+            found += [(cfg.out / "probabilities" / f"{p.id}{PROB_FORMATS[cfg.prob_format]}", "probability map"),
                       (cfg.out / "masks" / f"{p.id}.png", "ink mask")]  # fmt: skip
         if cfg.save_model_maps:
             found += [
@@ -192,7 +198,9 @@ def check_output_targets(cfg: RunConfig, plans: Sequence[FragmentPlan], manifest
     bad = []
     for path, what in output_targets(cfg, plans, manifest):
         folder = _existing(path.parent)
-        if path.is_dir():
+        if path.is_dir() and not path.name.endswith(
+            ".ome.zarr"
+        ):  # an OME-Zarr image is a folder, replaced whole
             bad.append(f"{path}: a folder, where the run writes its {what}")
         elif path.exists() and not os.access(path, os.W_OK):
             bad.append(f"{path}: read-only, where the run writes its {what}")
