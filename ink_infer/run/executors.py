@@ -182,7 +182,7 @@ class DeviceWorkers:
         labels = [f"worker {j} ({d})" for j, d in enumerate(devices)]
         shares = plan_shares(run.models, run.items, devices, labels)
         shared = WorkerRun(
-            shares=cfg.out / "parts" / "shares.pickle", options=run.options, settings=run.settings, out=cfg.out,
+            shares=cfg.out / "parts" / "shares.npz", options=run.options, settings=run.settings, out=cfg.out,
             partials=cfg.partials_dir, gpu_mem_gb=cfg.budget.gpu_mem_gb,
             deadline=EtaMonitor.for_budget(cfg.budget, t0).deadline, threads=worker_threads(devices),
             quiet=cfg.quiet, progress_every=cfg.progress_every, claims=claims_dir(cfg.out),

@@ -1,17 +1,19 @@
 """The worker processes of ``--devices``: the first device's share computed by the run's own process, one spawned
 process for each other device, each with its own CUDA context; their part reports gathered once they end.
 
-A worker receives its share as the parent planned it (``OUT/parts/shares.pickle``, written by the parent just
-before the workers start: its models with their checked weights and its items with their masks and windows), so
-it neither re-reads the manifest nor re-plans the fragments. The file is this run's own, never a user's.
+A worker receives its share as the parent planned it (``OUT/parts/shares.npz``, written by the parent just before
+the workers start: its models with their checked weights and its items with their masks and windows), so it
+neither re-reads the manifest nor re-plans the fragments. The file holds JSON and plain arrays, read back with
+``allow_pickle=False``: nothing in it is unpickled, whoever could write to OUT.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import multiprocessing
 import os
-import pickle
 import shutil
 import signal
 import sys
@@ -20,17 +22,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from ink_infer.config import ModelSpec
 from ink_infer.errors import DeviceError, ErrorKind, ModelRunError, UserError
-from ink_infer.outputs.atomic import atomic_write_bytes
+from ink_infer.outputs.atomic import atomic_write
 from ink_infer.outputs.raster import is_large
 from ink_infer.outputs.report import PartReport
 from ink_infer.run.budget import EtaMonitor
 from ink_infer.run.claims import Claims
 from ink_infer.run.model_run import ModelRunContext, ModelRunOptions
 from ink_infer.run.partials import PartialStore
-from ink_infer.run.plan import UnitSettings
+from ink_infer.run.plan import FragmentPlan, UnitSettings, Weights
 from ink_infer.run.shares import Share, compute_share, lost_units, part_path, read_parts, share_progress
 from ink_infer.run.stop import Interrupted, StopRequest, signal_name
+from ink_infer.volumes.fragment import Fragment
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +83,7 @@ class WorkerJob:
         return None if self.run.claims is None else Claims(self.run.claims, self.label, self.planned)
 
     def share(self) -> Share:
-        with open(self.run.shares, "rb") as f:
-            return pickle.load(f)[self.index]  # noqa: S301 - written by this run's parent (module docstring)
+        return read_share(self.run.shares, self.index)
 
     def context(self, runtime, stop: StopRequest, share: Share) -> ModelRunContext:
         """The context this worker's models run in."""
@@ -91,9 +96,62 @@ class WorkerJob:
 
 
 def write_shares(path: Path, shares: Sequence[Share]) -> None:
-    """The shares as the workers read them (``WorkerJob.share``)."""
+    """The shares as the workers read them (``read_share``): their models and weights as JSON, their items' windows
+    as arrays, each fragment's mask once (its row ranges share it)."""
+    items = {item.id: item for share in shares for group in share.models + share.spare for item in group[2]}
+    arrays, fragments = {}, {}
+    for k, item in enumerate(items.values()):
+        arrays[f"origins{k}"], arrays[f"ops{k}"] = item.origins, item.ops
+        if item.fragment.id not in fragments:
+            fragments[item.fragment.id] = len(fragments)
+            arrays[f"mask{fragments[item.fragment.id]}"] = item.mask
+            arrays[f"touched{fragments[item.fragment.id]}"] = item.touched
+    meta = {
+        "items": [{"fragment": _plain(dataclasses.asdict(item.fragment)), "shape": list(item.shape),
+                   "notes": item.notes, "fingerprint": item.fingerprint, "missing_chunks": item.missing_chunks,
+                   "rows": item.rows, "mask": fragments[item.fragment.id]} for item in items.values()],
+        "shares": [{"label": share.label, "device": share.device,
+                    "models": [_group(g, list(items)) for g in share.models],
+                    "spare": [_group(g, list(items)) for g in share.spare]} for share in shares],
+    }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, pickle.dumps(list(shares), protocol=pickle.HIGHEST_PROTOCOL))
+    atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
+
+
+def _plain(d: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def _group(group, ids: list[str]) -> list:
+    spec, weights, items = group
+    return [dataclasses.asdict(spec), {"path": None if weights.path is None else str(weights.path),
+                                       "sha256": weights.sha256}, [ids.index(item.id) for item in items]]  # fmt: skip
+
+
+def read_share(path: Path, index: int) -> Share:
+    """Share ``index`` of ``write_shares``' file, as the parent planned it."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"][()]))
+        items = []
+        for k, d in enumerate(meta["items"]):
+            f = {key: tuple(v) if isinstance(v, list) else v for key, v in d["fragment"].items()}
+            fragment = Fragment(**{**f, "path": Path(f["path"]),
+                                   "rotate_cache": None if f["rotate_cache"] is None else Path(f["rotate_cache"])})  # fmt: skip
+            items.append(FragmentPlan(
+                fragment, tuple(d["shape"]), z[f"mask{d['mask']}"], z[f"touched{d['mask']}"], z[f"origins{k}"],
+                z[f"ops{k}"], notes=d["notes"], fingerprint=d["fingerprint"], missing_chunks=d["missing_chunks"],
+                rows=None if d["rows"] is None else tuple(d["rows"]),
+            ))  # fmt: skip
+    share = meta["shares"][index]
+
+    def groups(key: str) -> tuple:
+        return tuple(
+            (ModelSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}),
+             Weights(None if w["path"] is None else Path(w["path"]), w["sha256"]), tuple(items[i] for i in ids))
+            for spec, w, ids in share[key]
+        )  # fmt: skip
+
+    return Share(share["label"], share["device"], groups("models"), groups("spare"))
 
 
 def worker_main(job: WorkerJob) -> None:
