@@ -19,10 +19,16 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from ink_infer.config import PROB_FORMATS
 from ink_infer.outputs.atomic import atomic_write
 
 TILE = 256  # the TIFF's tiles; the bands handed to ``write_probability_tiff`` are this many rows
 BIGTIFF_BYTES = 2**31  # past this (a 50k x 50k segment), classic TIFF offsets overflow
+
+
+def probability_path(out: Path, stem: str, fmt: str) -> Path:
+    """``OUT/probabilities/<stem>.tif`` or ``.ome.zarr``: where a probability map of ``--prob-format fmt`` goes."""
+    return out / "probabilities" / f"{stem}{PROB_FORMATS[fmt]}"
 
 
 def quantised(prob: np.ndarray) -> np.ndarray:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ink_infer.config import PROB_FORMATS, ThresholdSpec
+from ink_infer.config import ThresholdSpec
 from ink_infer.errors import UserError
 from ink_infer.outputs.atomic import note_unwritten
 from ink_infer.outputs.ensemble import FragmentEnsemble
-from ink_infer.outputs.maps import TILE, write_mask_png, write_probability_tiff
+from ink_infer.outputs.maps import TILE, probability_path, write_mask_png, write_probability_tiff
 from ink_infer.outputs.ome_zarr import write_probability_ome_zarr
 from ink_infer.outputs.previews import PreviewAccumulator, write_accumulated_preview
 from ink_infer.outputs.raster import array_piece, bands, turned_band, turned_shape
@@ -37,11 +37,6 @@ class OutputOptions:
     previews: bool = True
     probabilities: bool = False  # OUT/probabilities/<id>.tif (or .ome.zarr) and OUT/masks/<id>.png
     prob_format: str = "tiff"  # --prob-format tiff | ome-zarr
-
-
-def probability_path(out: Path, stem: str, fmt: str) -> Path:
-    """``OUT/probabilities/<stem>.tif`` or ``.ome.zarr``: where a probability map of ``--prob-format fmt`` goes."""
-    return out / "probabilities" / f"{stem}{PROB_FORMATS[fmt]}"
 
 
 def write_probability(path: Path, shape: tuple[int, int], bands, fmt: str) -> None:

@@ -70,6 +70,17 @@ class Computed:
 class Executor(Protocol):
     def compute(self, run: PreparedRun, stop: StopRequest, t0: float) -> Computed: ...
 
+    def report_path(self, out: Path) -> Path:
+        """Where this process's report goes: OUT/report.json, but a part's own in OUT/parts."""
+        ...
+
+
+class _Merging:
+    """An executor whose process goes on to merge: its report is report.json."""
+
+    def report_path(self, out: Path) -> Path:
+        return out / "report.json"
+
 
 def executor_for(run: PreparedRun) -> Executor:
     """The executor the options and the environment ask for (a dry run samples every model here: ``--devices``
@@ -88,7 +99,7 @@ def executor_for(run: PreparedRun) -> Executor:
     return InProcess()
 
 
-class InProcess:
+class InProcess(_Merging):
     def compute(self, run: PreparedRun, stop: StopRequest, t0: float) -> Computed:
         return Computed()
 
@@ -105,7 +116,9 @@ class Parts:
         return f"rank {j} of {self.n}" if self.torchrun else f"part {j} of {self.n}"
 
     def report_path(self, out: Path) -> Path:
-        """This part's own report (report.json is the merge's): OUT/parts/<label>.report.json."""
+        """This part's own report, OUT/parts/<label>.report.json; rank 0 of torchrun merges: report.json."""
+        if self.torchrun and self.i == 0:
+            return out / "report.json"
         return part_path(out, self.label(self.i)).with_suffix(PART_REPORT_SUFFIX)
 
     def compute(self, run: PreparedRun, stop: StopRequest, t0: float) -> Computed:
@@ -154,7 +167,7 @@ def _barrier(group, *, raising: bool = True) -> None:
             raise RankLost() from None
 
 
-class MergeOnly:
+class MergeOnly(_Merging):
     def compute(self, run: PreparedRun, stop: StopRequest, t0: float) -> Computed:
         """Every unit of every model that did not fail must have its partial; else one line each."""
         computed = Computed.from_parts(read_parts(run.cfg.out))
@@ -171,7 +184,7 @@ class MergeOnly:
         return computed
 
 
-class DeviceWorkers:
+class DeviceWorkers(_Merging):
     """One worker per device computes its share: this process the first device's, one spawned process each
     other's; they share a queue (``claims.py``), so the first to finish takes what is left of the others' shares.
     What a dead worker lost is computed by the merge afterwards; a worker's user, model (``--on-model-error

@@ -18,10 +18,10 @@ import numpy as np
 from ink_infer.engine.stitch import merge_ranges
 from ink_infer.errors import UserError
 from ink_infer.outputs.ensemble import FragmentEnsemble
-from ink_infer.outputs.maps import TILE
+from ink_infer.outputs.maps import TILE, probability_path
 from ink_infer.outputs.raster import Raster, bands, is_large, scratch_dir, turned_band, turned_shape
 from ink_infer.outputs.report import RunReport, write_report
-from ink_infer.outputs.write import probability_path, write_probability
+from ink_infer.outputs.write import write_probability
 from ink_infer.run.budget import EtaMonitor, project
 from ink_infer.run.executors import Computed
 from ink_infer.run.faults import RunEnded

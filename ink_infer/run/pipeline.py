@@ -28,7 +28,7 @@ from ink_infer.outputs.raster import remove_scratch, scratch_path
 from ink_infer.outputs.report import Interruption, RunReport, write_report
 from ink_infer.outputs.write import OutputOptions, write_outputs
 from ink_infer.run.budget import verdicts
-from ink_infer.run.executors import Parts, executor_for, makespan_hours
+from ink_infer.run.executors import executor_for, makespan_hours
 from ink_infer.run.merge import run_models
 from ink_infer.run.preflight import Inputs
 from ink_infer.run.prepare import Checked, PreparedRun, prepare, start_report
@@ -61,11 +61,9 @@ def run(cfg: RunConfig, inputs: Inputs | None = None, *, checked: Checked | None
         report.status, report.mode = "ok", f"rank {prepared.rank.rank} of {prepared.rank.world_size}"
         return report
     executor = executor_for(prepared)
-    report_path = cfg.out / "report.json"
+    report_path = executor.report_path(cfg.out)
     with StopRequest() as stop:
         try:
-            if isinstance(executor, Parts) and not (executor.torchrun and executor.i == 0):
-                report_path = executor.report_path(cfg.out)  # a part's own report; report.json is the merge's
             computed = executor.compute(prepared, stop, t0)
             report.parts = computed.parts
             if computed.ended is not None:

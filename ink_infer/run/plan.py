@@ -125,7 +125,7 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
         data = vol.describe()
         mask, warning = load_mask(fragment, shape)
         # a zarr store may lack chunks (read as zeros): normal outside the papyrus, never silent under the mask
-        missing = vol.missing_under(mask) if hasattr(vol, "missing_under") else []
+        missing = vol.missing_under(mask)
     if warning:
         notes.append(warning)
     if missing:

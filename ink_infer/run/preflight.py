@@ -9,6 +9,7 @@ of importing torch and timm; ``check_weights`` (the checkpoints opened against t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -16,10 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ink_infer.config import PROB_FORMATS, RunConfig
+from ink_infer.config import RunConfig
 from ink_infer.errors import UserError
 from ink_infer.geometry import BLOCK
 from ink_infer.manifest import Manifest, find_weights, load_manifest, verify_file
+from ink_infer.outputs.maps import probability_path
 from ink_infer.run.plan import FragmentPlan, Weights, model_count
 
 log = logging.getLogger(__name__)
@@ -163,12 +165,6 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     return Inputs(manifest, tuple(plans), tuple(items), disk, warnings)
 
 
-_SUFFIX = {
-    "tiff": ".tif",
-    "ome-zarr": ".ome.zarr",
-}  # outputs.write.PROB_SUFFIX, without importing the outputs
-
-
 def output_targets(
     cfg: RunConfig, plans: Sequence[FragmentPlan], manifest: Manifest
 ) -> list[tuple[Path, str]]:
@@ -183,11 +179,12 @@ def output_targets(
         if cfg.previews:
             found.append((cfg.out / "previews" / f"{p.id}.png", "preview"))
         if maps:
-            found += [(cfg.out / "probabilities" / f"{p.id}{PROB_FORMATS[cfg.prob_format]}", "probability map"),
+            found += [(probability_path(cfg.out, p.id, cfg.prob_format), "probability map"),
                       (cfg.out / "masks" / f"{p.id}.png", "ink mask")]  # fmt: skip
         if cfg.save_model_maps:
             found += [
-                (cfg.out / "probabilities" / f"{p.id}.{s.name}.tif", "model map") for s in manifest.models
+                (probability_path(cfg.out, f"{p.id}.{s.name}", cfg.prob_format), "model map")
+                for s in manifest.models
             ]
     return found
 
@@ -217,17 +214,14 @@ def _turn(plans: Sequence[FragmentPlan], cfg: RunConfig) -> int:
     from ink_infer.errors import size_text
     from ink_infer.volumes.reader import open_volume
 
-    turned = [p for p in plans if p.fragment.rotate]
-    need = 0
-    for p in turned:
-        with open_volume(p.fragment) as volume:
-            need += volume.cache_bytes(rebuild=cfg.fresh)
-    free = shutil.disk_usage(cfg.out).free
-    if need > free:
-        raise UserError(f"{cfg.out / 'rotated'}: {size_text(free)} free, --rotate needs {size_text(need)} "
-                        "for the turned slices: free some space or choose another --out")  # fmt: skip
-    for p in turned:
-        with open_volume(p.fragment) as volume:
+    with contextlib.ExitStack() as stack:  # each opened once: counted, then built
+        turned = [stack.enter_context(open_volume(p.fragment)) for p in plans if p.fragment.rotate]
+        need = sum(volume.cache_bytes(rebuild=cfg.fresh) for volume in turned)
+        free = shutil.disk_usage(cfg.out).free
+        if need > free:
+            raise UserError(f"{cfg.out / 'rotated'}: {size_text(free)} free, --rotate needs {size_text(need)} "
+                            "for the turned slices: free some space or choose another --out")  # fmt: skip
+        for volume in turned:
             volume.ensure(rebuild=cfg.fresh)
     return need
 

@@ -30,7 +30,8 @@ def load_mask(fragment: Fragment, shape: tuple[int, ...]) -> tuple[np.ndarray, s
         return np.ones(shape[-2:], bool), f"{shown_path(path, base)}: missing, using every pixel"
     note = None
     others = [] if fragment.layout == "kaggle" else segment_masks(fragment.path)[1:]
-    differing = [o for o in others if o.read_bytes() != path.read_bytes()]
+    used = path.read_bytes() if others else b""
+    differing = [o for o in others if o.read_bytes() != used]
     if differing:
         note = (f"{shown_path(path, base)} is used as the mask; {shown_path(differing[0], base)} differs from it "
                 "and is ignored")  # fmt: skip

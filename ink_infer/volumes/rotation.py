@@ -83,8 +83,6 @@ class RotatedVolume:
 
     def missing_under(self, mask: np.ndarray) -> list[str]:
         """The source's chunks missing under ``mask`` (given turned, as the run sees it)."""
-        if not hasattr(self._volume, "missing_under"):
-            return []
         return self._volume.missing_under(turn_back(mask, self._angle))
 
     @property

@@ -79,6 +79,10 @@ class Volume:
         """What the fragment's fingerprint holds of the data: each slice file's size and mtime, in layer order."""
         return {"slices": file_stats(self.paths)}
 
+    def missing_under(self, mask: np.ndarray) -> list[str]:
+        """Nothing: every slice file was opened and checked whole (only a zarr store may lack chunks)."""
+        return []
+
     def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [y0, y1) of slices [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 on the CPU.
 
