@@ -20,6 +20,7 @@ ROTATIONS = (0, 90, 180, 270)  # --rotate, degrees counterclockwise
 ON_MODEL_ERROR = ("skip", "fail")
 LAYER_AXES = ("first", "last")  # --layer-axis: where a zarr store's layers are
 MISSING_CHUNKS = ("warn", "refuse")  # --missing-chunks: a zarr store's chunks missing under the mask
+CACHE_GB = 20.0  # --cache-gb: the remote chunk cache's default bound
 PROB_FORMATS = {"tiff": ".tif", "ome-zarr": ".ome.zarr"}  # --prob-format: the probability maps' file suffixes
 
 
@@ -112,7 +113,7 @@ class Budget:
 class RunConfig:
     """Everything one ``submit`` run needs, resolved from the command line."""
 
-    data: Path
+    data: Path | str  # a local folder, or the URL of a remote store (volumes.remote)
     out: Path
     manifest: Path
     weights: Path | None = None
@@ -161,6 +162,18 @@ class RunConfig:
         0  # --rotate: degrees the input is turned counterclockwise before inference (outputs turned back)
     )
     compile: str = "none"  # --compile none | default | max-autotune | auto (compiling.py)
+    mask: Path | None = None  # --mask: the one segment's mask
+    storage_options: tuple[tuple[str, object], ...] = ()  # --storage-option KEY=VALUE, for remote stores
+    cache: Path | None = None  # --cache DIR: remote stores' chunk cache; None: OUT/cache
+    cache_gb: float = CACHE_GB  # --cache-gb; 0: no cache
+
+    @property
+    def remote(self):
+        """How remote stores are reached (``volumes.remote.Remote``; its URL is ``data``'s, or a store's under it)."""
+        from ink_infer.volumes.remote import Remote
+
+        cache = self.cache if self.cache is not None else self.out / "cache"
+        return Remote(str(self.data), self.storage_options, str(cache), int(self.cache_gb * 1e9))
 
     @property
     def layer_choice(self):
@@ -182,7 +195,7 @@ class RunConfig:
         numbers = {"--stride": self.stride, "--max-windows": self.max_windows, "--batch-size": self.batch_size,
                    "--budget-hours": self.budget.hours, "--host-mem-gb": self.budget.host_mem_gb,
                    "--gpu-mem-gb": self.budget.gpu_mem_gb, "--max-nonfinite": self.max_nonfinite,
-                   "--unit-windows": self.unit_windows, "--num-parts": self.num_parts,
+                   "--unit-windows": self.unit_windows, "--cache-gb": self.cache_gb, "--num-parts": self.num_parts,
                    "--part-id": self.part_id, "--progress-every": self.progress_every}  # fmt: skip
         try:
             for option, value in numbers.items():

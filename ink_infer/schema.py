@@ -167,6 +167,7 @@ CLI_NUMBERS: dict[str, Rule] = {
     "--num-parts": Int(lo=1, hi=100000),
     "--part-id": Int(lo=0),
     "--progress-every": Real(lo=0.0),
+    "--cache-gb": Real(lo=0.0),
 }
 
 

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ink_infer.config import (
+    CACHE_GB,
     COMPILE_MODES,
     LAYER_AXES,
     MISSING_CHUNKS,
@@ -37,6 +38,7 @@ from ink_infer.outputs.summary import TABLE, format_table, format_verdicts, tabl
 from ink_infer.run.preflight import check_inputs
 from ink_infer.schema import THRESHOLD_REGIONS, cli_type
 from ink_infer.synthetic.demo import demo_scores, make_demo_data
+from ink_infer.volumes.remote import is_url, parse_storage_options
 from ink_infer.volumes.segments import parse_layers
 
 log = logging.getLogger("ink_infer")
@@ -118,9 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _where_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, metavar="DIR",
+    p.add_argument("--data", metavar="DIR|URL",
                    help="/kaggle/input, the competition folder, a folder of fragments or scroll segments "
-                        "(<seg>/layers/*.tif, <seg>.zarr), or one of them")  # fmt: skip
+                        "(<seg>/layers/*.tif, <seg>.zarr), or one of them; or an s3://, https:// or http:// "
+                        "zarr store or folder of them")  # fmt: skip
+    p.add_argument("--mask", type=Path, default=None, metavar="PNG",
+                   help="the mask of the one segment in --data (default: <seg>_mask.png beside it or mask.png in "
+                        "it; an OME-Zarr store without one: the papyrus of its coarsest level)")  # fmt: skip
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="remote stores: passed to the file system (s3fs, fsspec's HTTP), e.g. anon=false; repeat "
+                        "for more")  # fmt: skip
+    p.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                   help="remote stores: where fetched chunks are kept, shared by the models, reruns and workers "
+                        "(default: OUT/cache)")  # fmt: skip
+    p.add_argument("--cache-gb", type=float, default=CACHE_GB, metavar="GB",
+                   help="remote stores: the chunk cache's size, least recently used out; 0: no cache")  # fmt: skip
     p.add_argument("--weights", type=Path, default=None, metavar="DIR",
                    help="the folder holding the manifest's weight files (<config>/fold{0,1}/best_fbeta.ckpt)")  # fmt: skip
     p.add_argument("--manifest", type=Path, default=None, metavar="FILE",
@@ -274,7 +288,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     keep = args.keep_partials if args.keep_partials is not None else not on_kaggle()
     absolute = lambda p: None if p is None else Path(p).absolute()  # noqa: E731
     return RunConfig(
-        data=absolute(data), out=absolute(args.out), manifest=absolute(manifest), weights=absolute(weights),
+        data=data if is_url(data) else absolute(data), mask=absolute(args.mask), cache=absolute(args.cache),
+        cache_gb=args.cache_gb, storage_options=parse_storage_options(args.storage_option), out=absolute(args.out), manifest=absolute(manifest), weights=absolute(weights),
         device=args.device, stride=args.stride, tta=args.tta, compile=args.compile, threshold_percentile=args.threshold,
         threshold_region=args.threshold_region, dry_run=args.dry_run,
         max_windows=args.max_windows, scale_to=tuple(parse_size(s) for s in args.scale_to),

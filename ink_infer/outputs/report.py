@@ -45,6 +45,7 @@ class FragmentResult:
     oom_retries: int = 0
     partial: str | None = None  # PARTIAL_SAVED | PARTIAL_REUSED | "not saved (...)"; None in a dry run
     device: str | None = None  # where it was computed (a worker's device, or this process's)
+    wire: dict | None = None  # remote stores: what the unit fetched (volumes.remote.WireStats.since)
 
     @classmethod
     def of_pass(cls, stats, device: str) -> FragmentResult:
@@ -234,6 +235,9 @@ class RunReport:
     )
     seconds: float = 0.0
     host_peak_gib: float = 0.0
+    remote: dict | None = (
+        None  # remote stores: what the start fetched; as_dict adds what each unit computed did
+    )
 
     def add_model(self, result: ModelResult) -> None:
         """A model's result joins the report: its warnings and its partials' fate too."""
@@ -257,7 +261,22 @@ class RunReport:
         return len(kept)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        found = dataclasses.asdict(self)
+        found["remote"] = self.wire_totals()
+        return found
+
+    def wire_totals(self) -> dict | None:
+        """Requests, bytes, cache hits, retries and missing chunks of the whole run: the start's and each unit's
+        computed in this run (here or by a worker, part or rank: each once; a reused partial fetched nothing now)."""
+        from ink_infer.volumes.remote import add_wire
+
+        units = {
+            (m.name, unit): f.wire
+            for m in [*self.models, *(m for p in self.parts for m in p.models)]
+            for unit, f in m.fragments.items()
+            if f.partial != PARTIAL_REUSED
+        }
+        return add_wire(self.remote, *units.values())
 
 
 def json_text(data: dict) -> str:

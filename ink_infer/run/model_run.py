@@ -36,6 +36,7 @@ from ink_infer.run.plan import FragmentPlan, Unit, Weights
 from ink_infer.run.runtime import Runtime, gpu_peaks_gib, host_peak_gib
 from ink_infer.run.stop import Interrupted, StopRequest
 from ink_infer.volumes.reader import open_volume
+from ink_infer.volumes.remote import WIRE
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,10 @@ def _compute(
             if ctx.claims is not None and n > 0 and not ctx.claims.take(unit):
                 pass_.windows_left -= unit.windows  # another worker computes it
                 continue
+            fetched = WIRE.as_dict()
             sum_map, stats = _run_unit(unit, pass_)
             frag = FragmentResult.of_pass(stats, str(ctx.runtime.device))
+            frag.wire = WIRE.since(fetched) if unit.fragment.fragment.remote else None
             warnings = check_outputs(spec.name, unit.fragment.id, frag, limit=ctx.options.max_nonfinite)
             if ctx.store is not None:
                 frag.partial = ctx.store.save(unit, sum_map, frag) or PARTIAL_SAVED
@@ -345,7 +348,7 @@ def _run_unit(unit: Unit, pass_: _Pass) -> tuple[np.ndarray, PredictStats]:
                 pass_.model, unit.model, volume, Windows(frag.touched, origins, ops), how, on_batch=on_batch
             )
     except OSError as e:  # the data went away or went bad mid-run: no model can read it
-        raise UserError(f"{frag.fragment.path}: cannot read ({e.strerror or e})") from None
+        raise UserError(f"{frag.fragment.where}: cannot read ({e.strerror or e})") from None
     pass_.windows_left -= unit.windows
     pass_.windows, pass_.seconds = pass_.windows + stats.windows, pass_.seconds + stats.seconds
     return sum_map, stats

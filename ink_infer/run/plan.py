@@ -123,13 +123,13 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
         shape = (vol.height, vol.width)
         notes = list(vol.warnings)  # files in surface_volume/ that are not slices, ignored
         data = vol.describe()
-        mask, warning = load_mask(fragment, shape)
+        mask, warning = load_mask(fragment, shape, vol.pyramid_mask)
         # a zarr store may lack chunks (read as zeros): normal outside the papyrus, never silent under the mask
         missing = vol.missing_under(mask)
     if warning:
         notes.append(warning)
     if missing:
-        notes.append(f"{fragment.path}: {len(missing)} chunk(s) under the mask are missing from the store and read "
+        notes.append(f"{fragment.where}: {len(missing)} chunk(s) under the mask are missing from the store and read "
                      f"as zeros (first: {', '.join(missing[:3])}); --missing-chunks refuse stops such a run")  # fmt: skip
     windows = windows_of(mask, stride_blocks=stride // BLOCK, tta=tta)
     touched, origins = windows.touched, windows.origins

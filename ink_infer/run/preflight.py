@@ -23,6 +23,7 @@ from ink_infer.geometry import BLOCK
 from ink_infer.manifest import Manifest, find_weights, load_manifest, verify_file
 from ink_infer.outputs.maps import probability_path
 from ink_infer.run.plan import FragmentPlan, Weights, model_count
+from ink_infer.volumes.remote import is_url
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     from ink_infer.volumes.discovery import find_fragments
     from ink_infer.volumes.rotation import with_rotation
 
-    if not Path(cfg.data).exists():
+    if not is_url(cfg.data) and not Path(cfg.data).exists():
         raise UserError(f"{cfg.data}: --data not found (expected /kaggle/input, the competition folder, a fragment "
                         "folder, a scroll segment, or a folder of them)")  # fmt: skip
     for option, path in (("--partials", cfg.partials), ("--out", cfg.out)):
@@ -146,13 +147,13 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     check_stride(cfg.stride, manifest)
     check_weight_files(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
     prepare_out(cfg.out)
-    fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice)
+    fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice, remote=cfg.remote, mask=cfg.mask)
     fragments = with_rotation(fragments, cfg.rotate, cfg.out)
     plans, items = plan_run(fragments, stride=cfg.stride, tta=cfg.tta, unit_windows=cfg.unit_windows)
     holed = [p for p in plans if p.missing_chunks]
     if holed and cfg.missing_chunks == "refuse":
         raise UserError("\n".join(
-            f"{p.fragment.path}: {len(p.missing_chunks)} chunk(s) under the mask missing from the store (first: "
+            f"{p.fragment.where}: {len(p.missing_chunks)} chunk(s) under the mask missing from the store (first: "
             f"{', '.join(p.missing_chunks[:3])}); refused (--missing-chunks refuse)" for p in holed))  # fmt: skip
     check_output_targets(cfg, plans, manifest)
     rotated = _turn(plans, cfg)  # the largest thing a --rotate run writes: counted first, then built

@@ -31,6 +31,7 @@ from ink_infer.run.runtime import (
     torchrun_rank,
 )
 from ink_infer.run.stop import StopRequest
+from ink_infer.volumes.remote import WIRE, is_url
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def start_report(run: PreparedRun, started: str) -> RunReport:
     return RunReport(
         status="running", mode=run.mode, started=started, command=list(cfg.argv),
         manifest=str(run.manifest.path.absolute()), manifest_sha256=sha256_file(run.manifest.path),
-        data=str(cfg.data.absolute()), options=dataclasses.asdict(cfg),
+        data=str(cfg.data) if is_url(cfg.data) else str(cfg.data.absolute()), options=dataclasses.asdict(cfg),
         stride=cfg.stride, tta=cfg.tta, threshold=dataclasses.asdict(run.threshold),
         environment={**environment(run.runtime.device), "compile": checks.compile},
         gpu_memory_fraction=run.runtime.gpu_memory_fraction, disk=checks.disk,
@@ -156,4 +157,5 @@ def start_report(run: PreparedRun, started: str) -> RunReport:
         partials=PartialsSummary(dir=None if cfg.dry_run else str(cfg.partials_dir.absolute()), fresh=cfg.fresh,
                                  keep=cfg.keep_partials),
         unverified_weights=checks.unverified,
+        remote=WIRE.as_dict() if any(p.fragment.remote for p in run.plans) else None,
     )  # fmt: skip

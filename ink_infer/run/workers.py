@@ -37,6 +37,7 @@ from ink_infer.run.plan import FragmentPlan, UnitSettings, Weights
 from ink_infer.run.shares import Share, compute_share, lost_units, part_path, read_parts, share_progress
 from ink_infer.run.stop import Interrupted, StopRequest, signal_name
 from ink_infer.volumes.fragment import Fragment
+from ink_infer.volumes.remote import Remote
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,13 @@ def _plain(d: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
+def _remote(d: dict | None) -> Remote | None:
+    """A fragment's ``Remote`` from its JSON form (its option pairs came back as lists)."""
+    if d is None:
+        return None
+    return Remote(d["url"], tuple((k, v) for k, v in d["options"]), d["cache"], d["cache_bytes"])
+
+
 def _group(group, ids: list[str]) -> list:
     spec, weights, items = group
     return [dataclasses.asdict(spec), {"path": None if weights.path is None else str(weights.path),
@@ -135,8 +143,8 @@ def read_share(path: Path, index: int) -> Share:
         items = []
         for k, d in enumerate(meta["items"]):
             f = {key: tuple(v) if isinstance(v, list) else v for key, v in d["fragment"].items()}
-            fragment = Fragment(**{**f, "path": Path(f["path"]),
-                                   "rotate_cache": None if f["rotate_cache"] is None else Path(f["rotate_cache"])})  # fmt: skip
+            fragment = Fragment(**{**f, "path": Path(f["path"]), "remote": _remote(f["remote"]),
+                                   **{k: None if f[k] is None else Path(f[k]) for k in ("rotate_cache", "mask")}})  # fmt: skip
             items.append(FragmentPlan(
                 fragment, tuple(d["shape"]), z[f"mask{d['mask']}"], z[f"touched{d['mask']}"], z[f"origins{k}"],
                 z[f"ops{k}"], notes=d["notes"], fingerprint=d["fingerprint"], missing_chunks=d["missing_chunks"],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ink_infer.errors import UserError
 from ink_infer.volumes.fragment import Fragment
+from ink_infer.volumes.remote import Remote, is_url, url_name
 from ink_infer.volumes.segments import (
     LAYERS_DIR,
     LayerChoice,
@@ -33,21 +34,59 @@ COMPETITION = "vesuvius-challenge-ink-detection"
 SAMPLE_SUBMISSION = "sample_submission.csv"
 # What ink_infer writes into OUT (which may be the data folder itself): never a fragment, skipped without a word
 OUR_FOLDERS = frozenset({"partials", "parts", "previews", "probabilities", "masks", "rotated", "inductor_cache",
-                         "demo_data"})  # fmt: skip
+                         "demo_data", "cache"})  # fmt: skip
 LAYOUTS = "fragment folders holding surface_volume/, scroll segments holding layers/, or .zarr stores"
 
 
 def find_fragments(
-    data: Path, *, split: str = "test", layers: LayerChoice | None = None
-) -> tuple[list[Fragment], list[str]]:
+    data: Path | str, *, split: str = "test", layers: LayerChoice | None = None, remote: Remote | None = None,
+    mask: Path | None = None,
+) -> tuple[list[Fragment], list[str]]:  # fmt: skip
     """Fragments of ``split`` under ``data`` in submission row order, plus warnings for the user.
 
     Rows follow ``sample_submission.csv`` when the competition folder has one (test split only); otherwise ids are
     sorted (numbers numerically) and, for the test split, a warning says so. ``layers``: which 65 layers of a
-    segment's stack the models read (default: the middle ones).
+    segment's stack the models read (default: the middle ones). ``data`` may be an ``s3://``, ``http(s)://`` URL
+    of a zarr store or a folder of them (``remote``: how to reach them; its URL is replaced). ``mask``: ``--mask``,
+    the mask of the one segment found.
     """
-    data = Path(data)
     choice = layers or LayerChoice()
+    if mask is not None and not Path(mask).is_file():
+        raise UserError(f"--mask {mask}: not found (expected the segment's mask, a PNG)")
+    if is_url(data):
+        fragments = _remote_segments((remote or Remote(str(data))).at(str(data)), choice, mask)
+        return fragments, []
+    data = Path(data)
+    fragments, warnings = _local_fragments(data, split, choice)
+    if mask is not None:
+        if len(fragments) != 1 or fragments[0].layout == "kaggle":
+            raise UserError(
+                f"--mask {mask}: for one scroll segment; {data} holds {len(fragments)} fragment(s)"
+            )
+        fragments = [dataclasses.replace(fragments[0], mask=mask)]
+    return fragments, warnings
+
+
+def _remote_segments(remote: Remote, choice: LayerChoice, mask: Path | None) -> list[Fragment]:
+    """The zarr stores at a URL, each opened (its metadata read, its mask fetched), their layers picked."""
+    from ink_infer.volumes.remote_zarr import fetch_mask, remote_segments
+
+    stores = remote_segments(remote)
+    if mask is not None and len(stores) != 1:
+        raise UserError(f"--mask {mask}: for one scroll segment; {remote.url} holds {len(stores)}")
+    found = []
+    for store in stores:
+        local_mask = fetch_mask(store, mask)
+        array, layout = open_zarr_array(store, layer_axis=choice.axis, mask=local_mask)
+        layers = choice.pick(array.shape[layout.layer_axis], store.url)
+        name = url_name(store.url)
+        found.append(Fragment(segment_id(Path(name)), Path(name), layout="zarr", layers=layers,
+                              layer_axis=layout.layer_axis, mask=local_mask, remote=store))  # fmt: skip
+    return found
+
+
+def _local_fragments(data: Path, split: str, choice: LayerChoice) -> tuple[list[Fragment], list[str]]:
+    """``find_fragments`` for a local ``data`` folder."""
     if not data.is_dir():
         raise UserError(f"{data}: not a folder; expected the Kaggle input or competition folder")
     if (data / "surface_volume").is_dir():

@@ -7,13 +7,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ink_infer.volumes.remote import Remote
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Fragment:
     """One fragment: ``path`` is the folder holding ``surface_volume/`` and ``mask.png`` (layout ``kaggle``), a
-    segment's folder holding ``layers/`` (``segment``), or a ``.zarr`` store (``zarr``); ``layers``: for segments,
+    segment's folder holding ``layers/`` (``segment``), or a ``.zarr`` store (``zarr``; local, or ``remote``); ``layers``: for segments,
     the stack indices the models' 65 layers read, in their order (``segments.LayerChoice``)."""
 
     id: str
@@ -26,6 +28,13 @@ class Fragment:
     layer_axis: int | None = None  # a zarr store's layer axis (0 or 2), decided when it was found
     rotate: int = 0  # --rotate: degrees the models see it turned counterclockwise (rotation.py)
     rotate_cache: Path | None = None  # where the turned slices are kept
+    mask: Path | None = None  # --mask, or a remote store's mask fetched to local disk; None: found by layout
+    remote: Remote | None = None  # a store read over the wire (``path`` is then only its name)
+
+    @property
+    def where(self) -> str:
+        """Where its data is, for messages: the URL of a remote store, else the local path."""
+        return str(self.remote) if self.remote is not None else str(self.path)
 
     @property
     def submission_id(self) -> str:

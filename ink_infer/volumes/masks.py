@@ -18,18 +18,38 @@ from ink_infer.volumes.segments import segment_mask, segment_masks
 log = logging.getLogger(__name__)
 
 
-def load_mask(fragment: Fragment, shape: tuple[int, ...]) -> tuple[np.ndarray, str | None]:
+def load_mask(fragment: Fragment, shape: tuple[int, ...], pyramid=None) -> tuple[np.ndarray, str | None]:
     """The fragment's mask as ``(H, W)`` bool (pixel > 0), ``shape`` being ``(H, W)`` or ``(65, H, W)``.
 
-    A missing ``mask.png`` (a segment's ``<seg>_mask.png``) gives all True and a warning; the reference binarises
-    with PIL ``convert("1")``, which agrees with ``> 0`` on the 0/255 masks Kaggle ships.
+    ``fragment.mask`` (``--mask``, or a remote store's fetched mask) when set, else ``mask.png`` (a segment's
+    ``<seg>_mask.png``). Without one: ``pyramid()`` (the volume's ``pyramid_mask``: the papyrus of an OME-Zarr
+    store's coarsest level) when it finds one, else all True; either with a note. The reference binarises with
+    PIL ``convert("1")``, which agrees with ``> 0`` on the 0/255 masks Kaggle ships.
     """
-    path = fragment.path / "mask.png" if fragment.layout == "kaggle" else segment_mask(fragment.path)
+    if fragment.mask is not None:
+        path = fragment.mask
+    else:
+        path = fragment.path / "mask.png" if fragment.layout == "kaggle" else segment_mask(fragment.path)
     base = fragment.path.parent.parent
     if not path.exists():
-        return np.ones(shape[-2:], bool), f"{shown_path(path, base)}: missing, using every pixel"
+        found = pyramid() if pyramid is not None and fragment.mask is None else None
+        if found is None:
+            shown = (
+                f"{fragment.where}: no mask beside or in the store"
+                if fragment.remote
+                else shown_path(path, base)
+            )
+            return np.ones(shape[-2:], bool), f"{shown}: missing, using every pixel"
+        mask, note = found
+        if fragment.rotate:
+            from ink_infer.volumes.rotation import turn
+
+            mask = np.ascontiguousarray(turn(mask, fragment.rotate))
+        return mask, note
     note = None
-    others = [] if fragment.layout == "kaggle" else segment_masks(fragment.path)[1:]
+    others = (
+        [] if fragment.layout == "kaggle" or fragment.mask is not None else segment_masks(fragment.path)[1:]
+    )
     used = path.read_bytes() if others else b""
     differing = [o for o in others if o.read_bytes() != used]
     if differing:

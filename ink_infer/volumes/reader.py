@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def open_volume(fragment: Fragment) -> Volume | ZarrVolume:
     """The fragment's slices (a TIFF stack, a zarr store), turned when the run asks for it (``--rotate``)."""
     if fragment.layout == "zarr":
-        volume = ZarrVolume(fragment.path, fragment.layers, fragment.layer_axis)
+        volume = ZarrVolume(fragment.remote or fragment.path, fragment.layers, fragment.layer_axis)
     else:
         volume = Volume(fragment)
     if not fragment.rotate:

@@ -85,6 +85,10 @@ class RotatedVolume:
         """The source's chunks missing under ``mask`` (given turned, as the run sees it)."""
         return self._volume.missing_under(turn_back(mask, self._angle))
 
+    def pyramid_mask(self) -> tuple[np.ndarray, str] | None:
+        """The source's mask from its pyramid, in the source's own orientation (``load_mask`` turns it)."""
+        return self._volume.pyramid_mask()
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return (N_SLICES, self.height, self.width)

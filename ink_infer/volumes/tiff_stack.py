@@ -83,6 +83,10 @@ class Volume:
         """Nothing: every slice file was opened and checked whole (only a zarr store may lack chunks)."""
         return []
 
+    def pyramid_mask(self) -> tuple[np.ndarray, str] | None:
+        """None: a TIFF stack has no lower-resolution level to find the papyrus in (only an OME-Zarr pyramid has)."""
+        return None
+
     def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [y0, y1) of slices [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 on the CPU.
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from ink_infer.errors import UserError
 from ink_infer.geometry import N_SLICES
+from ink_infer.volumes.remote import Remote
 from ink_infer.volumes.segments import LayerChoice
 from ink_infer.volumes.slices import SLICE_DTYPES, band_buffer, copy_scaled
 
@@ -36,34 +37,27 @@ class ZarrLayout:
     """Where the surface volume is in a store: the array's folder and path, its layer axis (0 or 2), its chunk grid
     (the shard's shape for sharded arrays: one file each) and how its chunk files are named."""
 
-    array_dir: Path
+    array_dir: Path | None  # None for a remote store (its chunks are not listed)
     layer_axis: int
     chunks: tuple[int, int, int]
     separator: str  # between a chunk's indices in its file name
     prefix: str  # before them ("c/" for zarr v3's default names)
+    levels: tuple[str, ...] = ()  # the multiscale's lower levels, finest first (an array alone: none)
+    identity: dict | None = None  # a remote store's version (remote_zarr.store_identity)
 
 
-def open_zarr_array(path: Path, *, layer_axis: str | None = None, mask: Path | None = None):
-    """``(array, ZarrLayout)`` of the surface volume in ``path``; ``UserError`` for what is not one, or when its
-    layer axis cannot be told (``layer_axis``: ``--layer-axis``; ``mask``: the segment's mask, if any)."""
-    try:
-        import zarr
-    except ImportError:
-        raise UserError(
-            f"{path}: reading zarr volumes needs the zarr package: pip install 'ink_infer[zarr]'"
-        ) from None
-    try:
-        node = zarr.open(str(path), mode="r")
-    except Exception as e:  # zarr raises several kinds for a folder that is not a store
-        raise UserError(
-            f"{path}: not a readable zarr store ({type(e).__name__}: {e})".splitlines()[0]
-        ) from None
-    array_dir, axes = path, None
+def open_zarr_array(path: Path | Remote, *, layer_axis: str | None = None, mask: Path | None = None):
+    """``(array, ZarrLayout)`` of the surface volume in ``path`` (a local folder, or a ``Remote`` store);
+    ``UserError`` for what is not one, or when its layer axis cannot be told (``layer_axis``: ``--layer-axis``;
+    ``mask``: the segment's mask, if any)."""
+    node, store = open_node(path)
+    array_dir, axes, level, levels = path, None, "", ()
     if not hasattr(node, "shape"):  # a group: OME-Zarr's level 0, else an array named "0"
-        level, axes = _level0(node)
+        level, axes, levels = _levels(node)
         if level is None or level not in node:
             raise UserError(f"{path}: a zarr group without a multiscales level 0 or an array '0'")
-        node, array_dir = node[level], path / level
+        node = node[level]
+        array_dir = path / level if store is None else None
     if len(node.shape) != 3:
         raise UserError(
             f"{path}: a {len(node.shape)}-D array {tuple(node.shape)}, expected 3-D (layers, H, W)"
@@ -73,19 +67,48 @@ def open_zarr_array(path: Path, *, layer_axis: str | None = None, mask: Path | N
     axis = _layer_axis(tuple(node.shape), path, axes=axes, asked=layer_axis, mask=mask)
     separator, prefix = _chunk_names(node)
     grid = getattr(node, "shards", None) or node.chunks
-    return node, ZarrLayout(array_dir, axis, tuple(int(c) for c in grid), separator, prefix)
+    identity = None
+    if store is not None:  # a remote store: its version keys the partials and the chunk cache
+        from ink_infer.volumes.remote_zarr import store_identity, use_cache
+
+        identity = store_identity(store, level, node.metadata.to_dict())
+        use_cache(store, path, identity)
+    layout = ZarrLayout(array_dir, axis, tuple(int(c) for c in grid), separator, prefix, levels, identity)
+    return node, layout
 
 
-def _level0(group) -> tuple[str | None, list | None]:
-    """Level 0's path in a group and the multiscale's ``axes`` (None when it has none)."""
+def open_node(path: Path | Remote):
+    """``(zarr node, the remote store or None)`` at ``path``: a local folder or a ``Remote`` store."""
+    try:
+        import zarr
+    except ImportError:
+        raise UserError(
+            f"{path}: reading zarr volumes needs the zarr package: pip install 'ink_infer[zarr]'"
+        ) from None
+    store = None
+    if isinstance(path, Remote):
+        from ink_infer.volumes.remote_zarr import fetching_store
+
+        store = fetching_store(path)
+    try:
+        return zarr.open(str(path) if store is None else store, mode="r"), store
+    except Exception as e:  # zarr raises several kinds for a folder that is not a store
+        raise UserError(
+            f"{path}: not a readable zarr store ({type(e).__name__}: {e})".splitlines()[0]
+        ) from None
+
+
+def _levels(group) -> tuple[str | None, list | None, tuple[str, ...]]:
+    """Level 0's path in a group, the multiscale's ``axes`` (None when it has none) and its other levels' paths."""
     attrs = dict(group.attrs)
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if multiscales:
         try:
-            return str(multiscales[0]["datasets"][0]["path"]), multiscales[0].get("axes")
+            paths = [str(d["path"]) for d in multiscales[0]["datasets"]]
+            return paths[0], multiscales[0].get("axes"), tuple(paths[1:])
         except (KeyError, IndexError, TypeError, AttributeError):
-            return None, None
-    return "0", None
+            return None, None, ()
+    return "0", None, ()
 
 
 def _layer_axis(
@@ -199,7 +222,7 @@ class ZarrVolume:
 
     memmapped = False
 
-    def __init__(self, path: Path, layers: tuple[int, ...] | None, axis: int | None = None) -> None:
+    def __init__(self, path: Path | Remote, layers: tuple[int, ...] | None, axis: int | None = None) -> None:
         asked = (
             None if axis is None else {0: "first", 2: "last"}[axis]
         )  # as decided when the fragment was found
@@ -221,19 +244,31 @@ class ZarrVolume:
 
     def chunk_files(self) -> dict[tuple[int, int, int], tuple[int, int]]:
         if self._files is None:
-            self._files = chunk_files(self.layout)
+            self._files = {} if self.layout.array_dir is None else chunk_files(self.layout)
         return self._files
 
     def describe(self) -> dict:
-        """What the fingerprint of a zarr volume holds: its metadata, and its chunks' names, sizes and mtimes."""
-        a, files = self._array, self.chunk_files()
-        return {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
-                "layer_axis": self.layer_axis, "metadata": metadata_files(self.path, self.layout.array_dir),
+        """What the fingerprint of a zarr volume holds: its metadata, and its chunks' names, sizes and mtimes (a
+        remote store's chunks are not listed: its metadata and what the server says of it stand for them)."""
+        a = self._array
+        found = {
+            "shape": list(a.shape),
+            "dtype": str(a.dtype),
+            "chunks": list(a.chunks),
+            "layer_axis": self.layer_axis,
+        }
+        if self.layout.identity is not None:
+            return {**found, "remote": self.layout.identity}
+        files = self.chunk_files()
+        return {**found, "metadata": metadata_files(self.path, self.layout.array_dir),
                 "chunk_files": len(files), "chunks_digest": chunks_digest(files)}  # fmt: skip
 
     def missing_under(self, mask: np.ndarray) -> list[str]:
         """The chunks of the models' layers that hold mask pixels and are not in the store (zarr reads them as its
-        fill value), by name, in index order."""
+        fill value), by name, in index order. A remote store is not listed: the chunks its server does not have
+        are counted as they are read (``remote.WIRE``)."""
+        if self.layout.array_dir is None:
+            return []
         layout, files = self.layout, self.chunk_files()
         cz = layout.chunks[self.layer_axis]
         ch, cw = (layout.chunks[1], layout.chunks[2]) if self.layer_axis == 0 else layout.chunks[:2]
@@ -248,6 +283,31 @@ class ZarrVolume:
                     if key not in files:
                         missing.append(chunk_name(layout, key))
         return missing
+
+    def pyramid_mask(self) -> tuple[np.ndarray, str] | None:
+        """A mask for a segment that has none, from the pyramid's coarsest level: papyrus wherever a layer there is
+        non-zero, grown by one coarse pixel (so a papyrus edge is never cut off), brought to full size by nearest
+        neighbour. Scans are zero outside the papyrus, so empty regions are never fetched at full resolution.
+        None for a store without lower levels."""
+        if not self.layout.levels:
+            return None
+        from scipy.ndimage import binary_dilation
+
+        node, _ = open_node(self.path)
+        name = self.layout.levels[-1]
+        level = node[name]
+        if len(level.shape) != 3:
+            return None
+        coarse = np.asarray(level[...])
+        spatial = [a for a in (0, 1, 2) if a != self.layer_axis]
+        papyrus = binary_dilation((coarse > 0).any(axis=self.layer_axis), iterations=1)
+        hc, wc = (level.shape[a] for a in spatial)
+        rows = np.arange(self.height) * hc // self.height
+        cols = np.arange(self.width) * wc // self.width
+        mask = papyrus[rows][:, cols]
+        note = (f"{self.path}: no mask; the papyrus found in pyramid level {name!r} ({hc}x{wc}): "
+                f"{mask.mean():.1%} of the {self.height}x{self.width} pixels")  # fmt: skip
+        return mask, note
 
     def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [y0, y1) of the models' layers [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 (uint8 x 257)."""
