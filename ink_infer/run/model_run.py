@@ -343,7 +343,7 @@ def _run_unit(unit: Unit, pass_: _Pass) -> tuple[np.ndarray, PredictStats]:
         timed=options.dry_run, fixed_batch=pass_.fixed_batch,
     )  # fmt: skip
     try:
-        with open_volume(frag.fragment) as volume:
+        with open_volume(frag.fragment, frag.touched) as volume:
             sum_map, stats = predict_fragment(
                 pass_.model, unit.model, volume, Windows(frag.touched, origins, ops), how, on_batch=on_batch
             )

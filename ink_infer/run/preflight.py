@@ -126,6 +126,7 @@ class Inputs:
     items: tuple[FragmentPlan, ...]
     disk: dict
     warnings: list[str]
+    fetched: dict | None = None  # remote stores: what finding and planning them fetched (volumes.remote.WIRE)
 
 
 def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
@@ -135,7 +136,10 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     and the free space for what the run will write. Done once per run; the rest of the run reads its result."""
     from ink_infer.run.plan import plan_run
     from ink_infer.volumes.discovery import find_fragments
+    from ink_infer.volumes.remote import WIRE
     from ink_infer.volumes.rotation import with_rotation
+
+    before = WIRE.as_dict()
 
     if not is_url(cfg.data) and not Path(cfg.data).exists():
         raise UserError(f"{cfg.data}: --data not found (expected /kaggle/input, the competition folder, a fragment "
@@ -163,7 +167,8 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     disk["rotated_bytes"] = rotated
     for p in plans:
         warnings.extend(p.notes)
-    return Inputs(manifest, tuple(plans), tuple(items), disk, warnings)
+    fetched = WIRE.since(before) if any(p.fragment.remote for p in plans) else None
+    return Inputs(manifest, tuple(plans), tuple(items), disk, warnings, fetched)
 
 
 def output_targets(

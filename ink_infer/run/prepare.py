@@ -31,7 +31,7 @@ from ink_infer.run.runtime import (
     torchrun_rank,
 )
 from ink_infer.run.stop import StopRequest
-from ink_infer.volumes.remote import WIRE, is_url
+from ink_infer.volumes.remote import is_url
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class StartChecks:
     unverified: list[str]
     warnings: list[str]
     compile: dict
+    fetched: dict | None = None  # remote stores: what the start fetched
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ def prepare(cfg: RunConfig, inputs: Inputs | None = None, checked: Checked | Non
     return PreparedRun(
         cfg, manifest, cfg.threshold_over(manifest.threshold), tuple((s, weights[s.name]) for s in manifest.models),
         tuple(plans), tuple(items), runtime, rank, devices, options, settings,
-        StartChecks(disk, unverified, warnings, {"asked": cfg.compile, "mode": compile_mode, "why": compile_why}),
+        StartChecks(disk, unverified, warnings, {"asked": cfg.compile, "mode": compile_mode, "why": compile_why},
+                    inputs.fetched),
     )  # fmt: skip
 
 
@@ -157,5 +159,5 @@ def start_report(run: PreparedRun, started: str) -> RunReport:
         partials=PartialsSummary(dir=None if cfg.dry_run else str(cfg.partials_dir.absolute()), fresh=cfg.fresh,
                                  keep=cfg.keep_partials),
         unverified_weights=checks.unverified,
-        remote=WIRE.as_dict() if any(p.fragment.remote for p in run.plans) else None,
+        remote=checks.fetched,
     )  # fmt: skip

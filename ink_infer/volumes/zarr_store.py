@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ink_infer.errors import UserError
-from ink_infer.geometry import N_SLICES
+from ink_infer.geometry import BLOCK, N_SLICES
 from ink_infer.volumes.remote import Remote
 from ink_infer.volumes.segments import LayerChoice
 from ink_infer.volumes.slices import SLICE_DTYPES, band_buffer, copy_scaled
@@ -51,7 +51,7 @@ def open_zarr_array(path: Path | Remote, *, layer_axis: str | None = None, mask:
     ``UserError`` for what is not one, or when its layer axis cannot be told (``layer_axis``: ``--layer-axis``;
     ``mask``: the segment's mask, if any)."""
     node, store = open_node(path)
-    array_dir, axes, level, levels = path, None, "", ()
+    array_dir, axes, level, levels = (path if store is None else None), None, "", ()
     if not hasattr(node, "shape"):  # a group: OME-Zarr's level 0, else an array named "0"
         level, axes, levels = _levels(node)
         if level is None or level not in node:
@@ -237,6 +237,9 @@ class ZarrVolume:
         rows = array.shape[1:] if self.layer_axis == 0 else array.shape[:2]
         self.height, self.width = int(rows[0]), int(rows[1])
         self._files: dict | None = None
+        self.touched: np.ndarray | None = (
+            None  # the run's touched blocks: only their chunks are read (read_band)
+        )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -310,21 +313,46 @@ class ZarrVolume:
         return mask, note
 
     def read_band(self, y0: int, y1: int, z0: int, z1: int, *, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [y0, y1) of the models' layers [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 (uint8 x 257)."""
+        """Rows [y0, y1) of the models' layers [z0, z1) as ``(z1 - z0, y1 - y0, W)`` uint16 (uint8 x 257). With
+        ``touched`` set, only the chunk columns holding a touched block in these rows are read (zeros elsewhere:
+        the engine zeroes every other block anyway), so papyrus-free chunks of a remote store are never fetched."""
         out = band_buffer(y0, y1, z0, z1, self.width, out)
         rows = max(0, min(y1, self.height) - y0)
         picked = self.layers[z0:z1]
         lo, hi = min(picked), max(picked) + 1  # contiguous: the pick is a range, maybe reversed
-        if rows:
-            region = (slice(lo, hi), slice(y0, y0 + rows), slice(None))
+        spans = self._spans(y0, y0 + rows) if rows else []
+        if spans != [(0, self.width)]:
+            out[:] = 0
+        for x0, x1 in spans:
+            region = (slice(lo, hi), slice(y0, y0 + rows), slice(x0, x1))
             if self.layer_axis != 0:
-                region = (slice(y0, y0 + rows), slice(None), slice(lo, hi))
+                region = (slice(y0, y0 + rows), slice(x0, x1), slice(lo, hi))
             block = self._read(region)
             if self.layer_axis != 0:
                 block = np.moveaxis(block, 2, 0)
-            copy_scaled(block[[i - lo for i in picked]], out[:, :rows])
+            copy_scaled(block[[i - lo for i in picked]], out[:, :rows, x0:x1])
         out[:, rows:] = 0
         return out
+
+    def _spans(self, y0: int, y1: int) -> list[tuple[int, int]]:
+        """Column spans ``[x0, x1)`` of rows ``[y0, y1)`` to read, whole chunk columns: every column without
+        ``touched``, else those whose chunks hold a touched block in these rows."""
+        if self.touched is None:
+            return [(0, self.width)]
+        gh = self.touched.shape[0]
+        b0, b1 = y0 // BLOCK, min(gh, -(-y1 // BLOCK))
+        cols = np.nonzero(self.touched[b0:b1].any(axis=0))[0] if b1 > b0 else np.zeros(0, int)
+        cw = self.layout.chunks[2] if self.layer_axis == 0 else self.layout.chunks[1]
+        spans: list[tuple[int, int]] = []
+        for k in sorted(
+            {int(c) * BLOCK // cw for c in cols} | {(int(c) * BLOCK + BLOCK - 1) // cw for c in cols}
+        ):
+            x0, x1 = k * cw, min((k + 1) * cw, self.width)
+            if spans and spans[-1][1] == x0:
+                spans[-1] = (spans[-1][0], x1)
+            else:
+                spans.append((x0, x1))
+        return spans
 
     def _read(self, region: tuple[slice, ...]) -> np.ndarray:
         try:
