@@ -313,3 +313,19 @@ def test_remote_round_trips_through_a_workers_share():
     remote = Remote("s3://b/s.zarr", (("anon", True),), "/tmp/c", 5)
     assert _remote(json.loads(json.dumps(__import__("dataclasses").asdict(remote)))) == remote
     assert is_chunk("/s1.zarr/0/c/0/0/1") and not is_chunk("/s1.zarr/zarr.json")
+
+
+def test_the_free_space_check_counts_the_chunk_cache(segs, manifest, tmp_path, standins, capsys, monkeypatch):
+    """Room for the outputs but not for the chunks the cache would keep: one line naming --cache-gb, before any
+    fetch of a chunk; ``--cache-gb 0`` needs no room for it and runs."""
+    import shutil as sh
+
+    from ink_infer.run import preflight
+
+    free = 16 * 2**20 + 2 * 2**20  # one fragment's outputs, and 2 MiB: s1's papyrus is ~10 MiB of chunks
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10**12, 10**12, free))
+    with http_folder(segs) as (url, served):
+        assert run_cli(f"{url}/s1.zarr", tmp_path / "out", manifest) == 2
+        assert "--cache-gb" in one_error_line(capsys) and not served.chunk_gets()
+        assert run_cli(f"{url}/s1.zarr", tmp_path / "out", manifest, "--cache-gb", "0") == 0
+    assert report_of(tmp_path / "out")["disk"]["cache_bytes"] == 0

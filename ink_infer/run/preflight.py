@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ink_infer.config import RunConfig
-from ink_infer.errors import UserError
-from ink_infer.geometry import BLOCK
+from ink_infer.errors import UserError, size_text
+from ink_infer.geometry import BLOCK, N_SLICES
 from ink_infer.manifest import Manifest, find_weights, load_manifest, verify_file
 from ink_infer.outputs.maps import probability_path
 from ink_infer.run.plan import FragmentPlan, Weights, model_count
@@ -98,6 +98,27 @@ def check_free_space(
     }
 
 
+def check_cache_space(cfg: RunConfig, plans: Sequence[FragmentPlan], *, taken: int) -> int:
+    """The room the remote stores' chunk cache may take: ``--cache-gb``, or less when the papyrus of the remote
+    segments holds less (their touched blocks of 65 layers, uncompressed: what is fetched at most). Refused when
+    its folder's disk has not that much free beside ``taken`` (what the outputs need, when on the same disk)."""
+    remote = [p for p in plans if p.fragment.remote is not None]
+    if not remote or cfg.cache_gb == 0 or cfg.dry_run:
+        return 0
+    raw = sum(int(p.touched.sum()) * BLOCK * BLOCK * N_SLICES * 2 for p in remote)
+    need = min(raw, int(cfg.cache_gb * 1e9))
+    folder = _existing(Path(cfg.remote.cache))
+    free = shutil.disk_usage(folder).free - (
+        taken if folder.stat().st_dev == _existing(cfg.out).stat().st_dev else 0
+    )
+    if free < need:
+        raise UserError(
+            f"{folder}: {size_text(max(free, 0))} free, the chunk cache of the remote segments may take "
+            f"{size_text(need)}: choose a smaller --cache-gb (0: no cache, every model fetches again) or another --cache"
+        )
+    return need
+
+
 def _existing(path: Path) -> Path:
     """``path`` or its nearest existing parent (the partials folder is made when the first one is saved)."""
     path = Path(path).absolute()
@@ -165,6 +186,9 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
         cfg.out, cfg.partials_dir, plans, manifest, dry_run=cfg.dry_run, model_maps=cfg.save_model_maps
     )
     disk["rotated_bytes"] = rotated
+    disk["cache_bytes"] = check_cache_space(
+        cfg, plans, taken=disk["outputs_bytes"] + disk["spilled_maps_bytes"]
+    )
     for p in plans:
         warnings.extend(p.notes)
     fetched = WIRE.since(before) if any(p.fragment.remote for p in plans) else None
