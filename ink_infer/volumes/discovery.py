@@ -53,7 +53,7 @@ def find_fragments(
     if (data / "surface_volume").is_dir():
         return [Fragment(data.name, data)], []
     if is_segment(data) or is_zarr(data):
-        return [_segment(data, choice)], []
+        return _segments(data, choice), []
     comp = _competition_dir(data, split)
     root = data if comp is None else (comp / split if (comp / split).is_dir() else comp)
     found, warnings = _fragment_dirs(root)
@@ -94,20 +94,37 @@ def find_fragments(
         path = found[frag_id]
         if (path / "surface_volume").is_dir():
             fragments.append(Fragment(frag_id, path, row_id))
-        else:
-            fragments.append(dataclasses.replace(_segment(path, choice), row_id=row_id))
+        else:  # a segment read both ways is two rows, each named by its own id
+            fragments.extend(
+                dataclasses.replace(s, row_id=None if s.pair else row_id) for s in _segments(path, choice)
+            )
     return fragments, warnings
+
+
+def _segments(path: Path, choice: LayerChoice) -> list[Fragment]:
+    """A scroll segment as ``choice`` reads it; under ``--direction both`` twice, ``<id>.forward`` (as read) and
+    ``<id>.reverse`` (its picked layers reversed)."""
+    if not choice.both:
+        return [_segment(path, choice)]
+    one = _segment(path, dataclasses.replace(choice, reverse=False))
+    return [
+        dataclasses.replace(one, id=f"{one.id}.{way}", pair=one.id, direction=way, layers=layers)
+        for way, layers in (("forward", one.layers), ("reverse", one.layers[::-1]))
+    ]
 
 
 def _segment(path: Path, choice: LayerChoice) -> Fragment:
     """A scroll segment (``layers/`` or ``.zarr``), with the 65 layers of its stack that ``choice`` picks."""
+    way = "reverse" if choice.reverse else "forward"
     if is_zarr(path):
         mask = next(iter(segment_masks(path)), None)
         array, layout = open_zarr_array(path, layer_axis=choice.axis, mask=mask)
         layers = choice.pick(array.shape[layout.layer_axis], str(path))
-        return Fragment(segment_id(path), path, layout="zarr", layers=layers, layer_axis=layout.layer_axis)
+        return Fragment(segment_id(path), path, layout="zarr", layers=layers, layer_axis=layout.layer_axis,
+                        direction=way)  # fmt: skip
     files = layer_files(path / LAYERS_DIR, str(path / LAYERS_DIR))
-    return Fragment(path.name, path, layout="segment", layers=choice.pick(len(files), str(path / LAYERS_DIR)))
+    layers = choice.pick(len(files), str(path / LAYERS_DIR))
+    return Fragment(path.name, path, layout="segment", layers=layers, direction=way)
 
 
 def _competition_dir(data: Path, split: str) -> Path | None:

@@ -14,7 +14,9 @@ log = logging.getLogger(__name__)
 class Fragment:
     """One fragment: ``path`` is the folder holding ``surface_volume/`` and ``mask.png`` (layout ``kaggle``), a
     segment's folder holding ``layers/`` (``segment``), or a ``.zarr`` store (``zarr``); ``layers``: for segments,
-    the stack indices the models' 65 layers read, in their order (``segments.LayerChoice``)."""
+    the stack indices the models' 65 layers read, in their order (``segments.LayerChoice``). Under ``--direction
+    both`` a segment is two fragments, ``<seg>.forward`` and ``<seg>.reverse`` (``pair`` is ``<seg>``), named so in
+    every output."""
 
     id: str
     path: Path
@@ -26,6 +28,18 @@ class Fragment:
     layer_axis: int | None = None  # a zarr store's layer axis (0 or 2), decided when it was found
     rotate: int = 0  # --rotate: degrees the models see it turned counterclockwise (rotation.py)
     rotate_cache: Path | None = None  # where the turned slices are kept
+    # --direction: a segment's layers as read ("forward") or reversed ("reverse"); None: a Kaggle fragment, which
+    # --direction (like --reverse-layers before it) leaves as it is
+    direction: str | None = None
+    pair: str | None = None  # --direction both: the segment's own id, ``id`` being ``<pair>.<direction>``
+
+    @property
+    def key_id(self) -> str:
+        """The id its partials are saved and keyed under: the segment's own, plus ``.reverse`` for its layers
+        reversed, whatever ``--direction`` the run asked for, so that ``--direction both`` reuses what a
+        one-direction run computed, and a one-direction run what ``both`` computed."""
+        own = self.pair or self.id
+        return f"{own}.reverse" if self.direction == "reverse" else own
 
     @property
     def submission_id(self) -> str:
