@@ -25,8 +25,8 @@ from ink_infer.manifest import DEMO_MANIFEST, Manifest, default_manifest
 from ink_infer.outputs.report import RunReport
 
 # RunConfig fields a caller of ``predict`` may set (the rest is the ensemble's, or makes no sense in memory)
-RUN_OPTIONS = ("stride", "tta", "batch_size", "devices", "unit_windows", "layers", "reverse_layers", "layer_axis",
-               "missing_chunks", "rotate",
+RUN_OPTIONS = ("stride", "tta", "batch_size", "devices", "unit_windows", "layers", "direction", "reverse_layers",
+               "layer_axis", "missing_chunks", "rotate",
                "compile", "budget", "on_model_error", "max_nonfinite", "fresh", "require_hashes")  # fmt: skip
 
 
@@ -104,7 +104,8 @@ def predict(ensemble: Ensemble, path: str | Path, *, out: str | Path | None = No
 
     _check_options(options)
     if Path(path).exists():  # counted before anything runs (a missing path is predict_all's one line)
-        n = len(find_fragments(Path(path), layers=LayerChoice(axis=options.get("layer_axis")))[0])
+        choice = LayerChoice(axis=options.get("layer_axis"), both=options.get("direction") == "both")
+        n = len(find_fragments(Path(path), layers=choice)[0])
         if n != 1:
             raise UserError(f"{path}: {n} fragments or segments, expected one (predict_all runs several)")
     found = predict_all(ensemble, path, out=out, threshold=threshold, **options)
@@ -117,8 +118,9 @@ def predict_all(ensemble: Ensemble, data: str | Path, *, out: str | Path | None 
 
     ``out``: where the run's partials and report.json go, so that a second call resumes (default: a temporary
     folder, removed afterwards). ``threshold``: the quantile (default: the manifest's). ``options``: the CLI's
-    run options by their RunConfig names (``RUN_OPTIONS``: stride, tta, batch_size, devices, layers, reverse_layers,
-    layer_axis, rotate, ...)."""
+    run options by their RunConfig names (``RUN_OPTIONS``: stride, tta, batch_size, devices, layers, direction,
+    reverse_layers, layer_axis, rotate, ...); ``direction="both"`` gives each segment twice, by ``<id>.forward``
+    and ``<id>.reverse``."""
     unknown = sorted(set(options) - set(RUN_OPTIONS))
     if unknown:
         raise UserError(

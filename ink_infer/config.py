@@ -22,6 +22,7 @@ LAYER_AXES = ("first", "last")  # --layer-axis: where a zarr store's layers are
 MISSING_CHUNKS = ("warn", "refuse")  # --missing-chunks: a zarr store's chunks missing under the mask
 CACHE_GB = 20.0  # --cache-gb: the remote chunk cache's default bound
 PROB_FORMATS = {"tiff": ".tif", "ome-zarr": ".ome.zarr"}  # --prob-format: the probability maps' file suffixes
+DIRECTIONS = ("forward", "reverse", "both")  # --direction: a segment's layers as read, reversed, or both ways
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,11 @@ class RunConfig:
     progress_every: float = 60.0  # seconds between progress lines when stderr is not a terminal
     argv: tuple[str, ...] = ()  # the command line, for report.json
     layers: tuple[int, int] | None = None  # --layers START:STOP of a segment's stack; None: the middle 65
-    reverse_layers: bool = False  # --reverse-layers: the stack's depth runs the other way
+    # --direction forward | reverse | both (a segment's layers as read, reversed, or both ways); None: reverse with
+    # reverse_layers, else forward. Once made, a RunConfig holds the resolved direction, and reverse_layers says
+    # whether it is "reverse" (--reverse-layers, the API's reverse_layers=True: its older spelling)
+    direction: str | None = None
+    reverse_layers: bool = False
     layer_axis: str | None = (
         None  # --layer-axis first | last: a zarr store's; None: from the store, mask or shape
     )
@@ -177,7 +182,9 @@ class RunConfig:
 
     @property
     def layer_choice(self):
-        return LayerChoice(self.layers, self.reverse_layers, self.layer_axis)
+        return LayerChoice(
+            self.layers, self.direction == "reverse", self.layer_axis, both=self.direction == "both"
+        )
 
     def threshold_over(self, manifests: ThresholdSpec) -> ThresholdSpec:
         """The run's threshold: the manifest's, with what --threshold and --threshold-region say instead."""
@@ -211,6 +218,7 @@ class RunConfig:
                                        ("--prob-format", self.prob_format, tuple(PROB_FORMATS))):  # fmt: skip
             if value not in choices:
                 raise UserError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")
+        self._resolve_direction()
         check_device_names(self.devices)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device {self.device!r}: expected auto, cpu or cuda")
@@ -224,6 +232,19 @@ class RunConfig:
             )
         if self.num_parts > 1 and self.dry_run:
             raise UserError("--num-parts: a dry run projects the whole run; use it without --num-parts")
+
+    def _resolve_direction(self) -> None:
+        """``direction`` resolved, ``reverse_layers`` said by it (both fields, so report.json's options and the
+        partials read the same whichever spelling was used)."""
+        if self.direction not in (None, *DIRECTIONS):
+            raise UserError(f"--direction {self.direction!r}: expected one of {', '.join(DIRECTIONS)}")
+        if self.reverse_layers and self.direction not in (None, "reverse"):
+            raise UserError(
+                f"--reverse-layers is --direction reverse: it cannot go with --direction {self.direction}"
+            )
+        direction = self.direction or ("reverse" if self.reverse_layers else "forward")
+        object.__setattr__(self, "direction", direction)  # frozen: set once, here, as it was made
+        object.__setattr__(self, "reverse_layers", direction == "reverse")
 
 
 def check_device_names(names: tuple[str, ...]) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from ink_infer.config import (
     CACHE_GB,
     COMPILE_MODES,
+    DIRECTIONS,
     LAYER_AXES,
     MISSING_CHUNKS,
     ON_MODEL_ERROR,
@@ -175,8 +176,12 @@ def _compute_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--missing-chunks", choices=MISSING_CHUNKS, default="warn",
                    help="zarr stores: chunks missing under the mask (read as zeros) are counted and named in "
                         "report.json, or refused before any compute")  # fmt: skip
-    g.add_argument("--reverse-layers", action="store_true",
-                   help="scroll segments whose depth runs the other way: the picked layers in reverse order")  # fmt: skip
+    g.add_argument("--direction", choices=DIRECTIONS, default=None,
+                   help="scroll segments: read the picked layers as they are (forward), in reverse order, for "
+                        "segments whose depth runs the other way (reverse), or both ways, writing both maps "
+                        "(<id>.forward, <id>.reverse), a preview of the two side by side and report.json's "
+                        "comparison of them (both) (default: forward)")  # fmt: skip
+    g.add_argument("--reverse-layers", action="store_true", help="the same as --direction reverse")
     g.add_argument("--rotate", type=int, choices=ROTATIONS, default=0, metavar="DEGREES",
                    help="turn the input counterclockwise by 0, 90, 180 or 270 degrees before inference; the outputs "
                         "are turned back (the Kaggle hidden test was turned 90 degrees from training)")  # fmt: skip
@@ -299,7 +304,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         devices=parse_devices(args.devices), unit_windows=args.unit_windows, num_parts=args.num_parts,
         part_id=args.part_id, merge_only=args.merge_only, partials=absolute(partials), keep_partials=keep,
         require_hashes=args.require_hashes, progress_every=args.progress_every, fresh=args.fresh,
-        layers=parse_layers(args.layers), reverse_layers=args.reverse_layers, layer_axis=args.layer_axis,
+        layers=parse_layers(args.layers), direction=args.direction, reverse_layers=args.reverse_layers, layer_axis=args.layer_axis,
         missing_chunks=args.missing_chunks,
         save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps,
         prob_format=args.prob_format, rotate=args.rotate,

@@ -329,3 +329,15 @@ def test_the_free_space_check_counts_the_chunk_cache(segs, manifest, tmp_path, s
         assert "--cache-gb" in one_error_line(capsys) and not served.chunk_gets()
         assert run_cli(f"{url}/s1.zarr", tmp_path / "out", manifest, "--cache-gb", "0") == 0
     assert report_of(tmp_path / "out")["disk"]["cache_bytes"] == 0
+
+
+def test_both_directions_of_a_remote_store(segs, local_maps, manifest, tmp_path, standins):
+    """``--direction both`` over HTTP: the forward map is the local one, the reversed one differs, and the chunks
+    are fetched once for the two directions and the two models (the cache)."""
+    with http_folder(segs) as (url, served):
+        out = tmp_path / "out"
+        assert run_cli(f"{url}/s1.zarr", out, manifest, "--direction", "both") == 0
+        gets = served.chunk_gets()
+    np.testing.assert_array_equal(probabilities(out, "s1.forward"), local_maps["s1"])
+    assert not np.array_equal(probabilities(out, "s1.reverse"), local_maps["s1"])
+    assert max(gets.values()) == 1

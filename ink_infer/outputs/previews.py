@@ -8,6 +8,9 @@
   outside the mask in neutral grey; beside it the binary ink mask (yellow ink on purple papyrus, same grey
   outside); the mask outline in white on both; a viridis colour bar 0..1 with the threshold marked.
 
+``write_side_by_side`` (``--direction both``, OUT/previews/<seg>.both.png): a header band over two such previews
+side by side, a segment's forward and reverse maps.
+
 ``write_truth_preview`` (demo, OUT/previews/<id>_truth.png): a header band with the fragment id, F0.5 and a legend,
 over the full-size comparison with the truth, one colour per pixel class (``TRUTH_COLOURS``, Okabe-Ito colours
 told apart under protanopia and deuteranopia as well); ``body_of`` cuts the header off for counting.
@@ -174,6 +177,32 @@ def write_accumulated_preview(
     path: Path, acc: PreviewAccumulator, *, fragment_id: str = "", threshold: float | None = None
 ) -> None:
     """``write_preview`` of the rows ``acc`` was given."""
+    _write_png(path, preview_image(acc, fragment_id=fragment_id, threshold=threshold))
+
+
+def write_side_by_side(path: Path, images: Sequence[np.ndarray], lines: Sequence[str]) -> None:
+    """PNG of ``images`` (``preview_image``'s, ``(h, w, 3)`` uint8 BGR) left to right, ``PANEL_GAP`` apart, under
+    a header band of ``lines`` (at most two): ``--direction both``'s two maps of a segment."""
+    gap = np.full((max(i.shape[0] for i in images), PANEL_GAP, 3), CANVAS_BACKGROUND, np.uint8)
+    row = [p for i in images for p in (gap, _padded(i, gap.shape[0]))][1:]
+    body = np.concatenate(row, axis=1)
+    width = max(body.shape[1], _header_width(lines))
+    img = np.full((HEADER_HEIGHT + body.shape[0], width, 3), CANVAS_BACKGROUND, np.uint8)
+    img[:HEADER_HEIGHT] = _header(width, lines)
+    img[HEADER_HEIGHT:, : body.shape[1]] = body
+    _write_png(path, img)
+
+
+def _padded(img: np.ndarray, height: int) -> np.ndarray:
+    """``img`` with background rows below, ``height`` rows in all."""
+    below = np.full((height - img.shape[0], *img.shape[1:]), CANVAS_BACKGROUND, np.uint8)
+    return np.concatenate([img, below])
+
+
+def preview_image(
+    acc: PreviewAccumulator, *, fragment_id: str = "", threshold: float | None = None
+) -> np.ndarray:
+    """The picture ``write_accumulated_preview`` writes, ``(h, w, 3)`` uint8 BGR."""
     layout = acc.layout
     # the panels show means over the in-mask part of each panel pixel only, so a pixel on the mask's edge is not
     # darkened by the zeros outside
@@ -203,7 +232,7 @@ def write_accumulated_preview(
     by0, by1, bx0, bx1 = layout.colour_bar
     img[by0:by1, bx0:bx1] = _colour_bar(by1 - by0)
     _draw_bar_ticks(img, layout.colour_bar, threshold)
-    _write_png(path, img)
+    return img
 
 
 def write_truth_preview(

@@ -169,12 +169,35 @@ class FragmentOutput:
 
 
 @dataclass
+class DirectionFigures:
+    """One direction of a segment read both ways (``--direction both``), over its mask."""
+
+    ink_fraction: float  # of the mask's pixels, those above the direction's threshold (its ink PNG)
+    mean_probability: float  # the ensemble's mean probability over the mask
+
+
+@dataclass
+class DirectionsCompared:
+    """A segment read both ways (``--direction both``): each direction's figures, the share of the mask where
+    their two ink maps agree, and, as a hint only, the direction with the higher mean probability and the one with
+    more ink (None: a tie). With a quantile threshold the ink fractions are alike by construction; the mean
+    probability is the telling figure."""
+
+    forward: DirectionFigures
+    reverse: DirectionFigures
+    agreement: float  # of the mask's pixels, those ink in both maps or in neither
+    higher_mean_probability: str | None
+    more_ink: str | None
+
+
+@dataclass
 class SubmissionResult:
     path: str
     fragments: dict[str, FragmentOutput]
     maps: list[str] = field(
         default_factory=list
     )  # probability TIFFs and ink PNGs written (--save-probabilities)
+    directions: dict[str, DirectionsCompared] = field(default_factory=dict)  # --direction both: by segment id
 
 
 @dataclass

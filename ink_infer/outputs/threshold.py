@@ -60,3 +60,8 @@ def banded_quantile(values_in_bands: Callable[[], Iterable[np.ndarray]], q: floa
             counts += np.bincount(keys[upper == b] & 0xFFFF, minlength=_BINS)
     v_lo, v_hi = (_from_key((b << 16) | _rank_in(low[b], r)[0]) for b, r in (wanted[r] for r in ranks))
     return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+def ink_of(prob: np.ndarray, in_region: np.ndarray, thr: float | None) -> np.ndarray:
+    """The ink mask of probabilities ``prob`` in ``in_region`` (bool, same shape) above ``thr``."""
+    return (prob > thr) & in_region if thr is not None else np.zeros(prob.shape, bool)

@@ -17,6 +17,7 @@ import numpy as np
 from ink_infer.config import ThresholdSpec
 from ink_infer.errors import UserError
 from ink_infer.outputs.atomic import note_unwritten
+from ink_infer.outputs.directions import compare_directions
 from ink_infer.outputs.ensemble import FragmentEnsemble
 from ink_infer.outputs.maps import TILE, probability_path, write_mask_png, write_probability_tiff
 from ink_infer.outputs.ome_zarr import write_probability_ome_zarr
@@ -24,7 +25,7 @@ from ink_infer.outputs.previews import PreviewAccumulator, write_accumulated_pre
 from ink_infer.outputs.raster import array_piece, bands, turned_band, turned_shape
 from ink_infer.outputs.report import FragmentOutput, SubmissionResult
 from ink_infer.outputs.rle import RleEncoder, write_submission
-from ink_infer.outputs.threshold import banded_quantile
+from ink_infer.outputs.threshold import banded_quantile, ink_of
 from ink_infer.run.plan import FragmentPlan
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ def write_outputs(
         row, summary[plan.id], written = _fragment_outputs(plan, ens, options)
         rows.append(row)
         maps.extend(written)
+    previews = options.out / "previews" if options.previews else None
+    directions = compare_directions(
+        plans, ensembles, summary, region=options.threshold.region, previews=previews
+    )
     path = options.out / "submission.csv"
     try:
         write_submission(rows, path)
@@ -75,7 +80,7 @@ def write_outputs(
         raise UserError(
             f"{path}: cannot write ({e.strerror or e}): no new submission written; {kept}"
         ) from None
-    return SubmissionResult(str(path), summary, maps)
+    return SubmissionResult(str(path), summary, maps, directions)
 
 
 def fragment_threshold(ens: FragmentEnsemble, threshold: ThresholdSpec) -> float | None:
@@ -89,11 +94,6 @@ def fragment_threshold(ens: FragmentEnsemble, threshold: ThresholdSpec) -> float
             yield ens.mean_piece(lo, hi, 0, w)[region(lo, hi, 0, w)]
 
     return banded_quantile(region_values, threshold.percentile)
-
-
-def ink_of(prob: np.ndarray, in_region: np.ndarray, thr: float | None) -> np.ndarray:
-    """The ink mask of probabilities ``prob`` in ``in_region`` (bool, same shape) above ``thr``."""
-    return (prob > thr) & in_region if thr is not None else np.zeros(prob.shape, bool)
 
 
 def _fragment_outputs(plan: FragmentPlan, ens: FragmentEnsemble, options: OutputOptions):

@@ -104,7 +104,7 @@ def _take_sums(sums: dict, spec, weights, store: PartialStore | None, item: Frag
         return found
     loaded, _, why = store.load(Unit(spec, weights, item))
     if loaded is None:
-        path = store.path(spec.name, item.fragment.id)
+        path = store.path(spec.name, item.key_id)
         raise UserError(
             f"{path}: saved by this run but no longer readable ({why or 'gone'}): rerun the same command"
         )

@@ -57,7 +57,8 @@ class PartialStore:
         self.settings = settings
 
     def path(self, model: str, fragment: str) -> Path:
-        """File of (model, fragment): readable names, plus a short hash so that distinct pairs never collide."""
+        """File of (model, fragment): readable names, plus a short hash so that distinct pairs never collide.
+        ``fragment``: a unit's ``key_id``, so a rerun with another ``--direction`` finds what it can reuse."""
         tag = hashlib.sha256(f"{model}\0{fragment}".encode()).hexdigest()[:8]
         return self.root / f"{safe_name(model)}.{safe_name(fragment)}.{tag}.npz"
 
@@ -66,7 +67,7 @@ class PartialStore:
         partial with the unit's key is there; else ``(None, None, why)`` where ``why`` is None when there is simply no file."""
         digest, _ = unit_key(unit, self.settings)
         covered = unit.count() > 0
-        path = self.path(unit.model.name, unit.fragment.id)
+        path = self.path(unit.model.name, unit.fragment.key_id)
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"][()]))
@@ -96,7 +97,7 @@ class PartialStore:
         """The unit's result saved with its partial, if one is there with its key (the blocks are not read)."""
         digest, _ = unit_key(unit, self.settings)
         try:
-            with np.load(self.path(unit.model.name, unit.fragment.id), allow_pickle=False) as z:
+            with np.load(self.path(unit.model.name, unit.fragment.key_id), allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"][()]))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
@@ -105,7 +106,7 @@ class PartialStore:
     def why_missing(self, unit: Unit) -> str | None:
         """None when the unit's partial is there with its key; else what is wrong, for a person: no file (its part
         has not finished), a file made with other settings (naming what differs), or an unreadable file."""
-        path = self.path(unit.model.name, unit.fragment.id)
+        path = self.path(unit.model.name, unit.fragment.key_id)
         digest, key = unit_key(unit, self.settings)
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -142,11 +143,11 @@ class PartialStore:
         A partial is an optimisation: failing to write one (a full disk) is logged and the run goes on."""
         digest, key = unit_key(unit, self.settings)
         covered = unit.count() > 0
-        path = self.path(unit.model.name, unit.fragment.id)
+        path = self.path(unit.model.name, unit.fragment.key_id)
         stats = dataclasses.asdict(result)
         meta = {
             "model": unit.model.name,
-            "fragment": unit.fragment.id,
+            "fragment": unit.fragment.key_id,
             "digest": digest,
             "key": key,
             "stats": stats,

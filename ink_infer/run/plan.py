@@ -72,6 +72,12 @@ class FragmentPlan:
         """The fragment's id, with the row range of a part (``2@0-120``): a unit's name in partials and reports."""
         return self.fragment.id if self.rows is None else f"{self.fragment.id}@{self.rows[0]}-{self.rows[1]}"
 
+    @property
+    def key_id(self) -> str:
+        """``id`` as partials are named and keyed: by ``Fragment.key_id``, the same in every ``--direction``."""
+        key = self.fragment.key_id
+        return key if self.rows is None else f"{key}@{self.rows[0]}-{self.rows[1]}"
+
     def block_rows(self, tile: int) -> tuple[int, int]:
         """The cover grid's block rows ``[lo, hi)`` this item's windows of side ``tile`` reach: every row for a
         whole fragment; for a row range, its first origin row to where its last windows end. A unit's sums are
@@ -146,7 +152,7 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
 
 
 def fragment_fingerprint(fragment: Fragment, shape: tuple[int, int], mask: np.ndarray, data: dict) -> dict:
-    """A cheap identity of a fragment's data: id, layout, shape, the mask's hash, and ``data``: the size and mtime
+    """A cheap identity of a fragment's data: id (``key_id``: the same in every ``--direction``), layout, shape, the mask's hash, and ``data``: the size and mtime
     of each slice file the models read, in their order (a segment's chosen and maybe reversed layers), or a zarr
     array's metadata.
 
@@ -157,7 +163,7 @@ def fragment_fingerprint(fragment: Fragment, shape: tuple[int, int], mask: np.nd
     layers = {"layers": list(fragment.layers)} if fragment.layers is not None else {}
     if fragment.rotate:
         layers["rotate"] = fragment.rotate
-    return {"id": fragment.id, "layout": fragment.layout, "shape": list(shape), "mask_sha256": mask_sha, **layers,
+    return {"id": fragment.key_id, "layout": fragment.layout, "shape": list(shape), "mask_sha256": mask_sha, **layers,
             **data}  # fmt: skip
 
 

@@ -59,11 +59,12 @@ def find_fragments(
     data = Path(data)
     fragments, warnings = _local_fragments(data, split, choice)
     if mask is not None:
-        if len(fragments) != 1 or fragments[0].layout == "kaggle":
+        segments = {f.pair or f.id for f in fragments}  # under --direction both, one segment is two fragments
+        if len(segments) != 1 or fragments[0].layout == "kaggle":
             raise UserError(
-                f"--mask {mask}: for one scroll segment; {data} holds {len(fragments)} fragment(s)"
+                f"--mask {mask}: for one scroll segment; {data} holds {len(segments)} fragment(s)"
             )
-        fragments = [dataclasses.replace(fragments[0], mask=mask)]
+        fragments = [dataclasses.replace(f, mask=mask) for f in fragments]
     return fragments, warnings
 
 
@@ -78,10 +79,15 @@ def _remote_segments(remote: Remote, choice: LayerChoice, mask: Path | None) -> 
     for store in stores:
         local_mask = fetch_mask(store, mask)
         array, layout = open_zarr_array(store, layer_axis=choice.axis, mask=local_mask)
-        layers = choice.pick(array.shape[layout.layer_axis], store.url)
         name = url_name(store.url)
-        found.append(Fragment(segment_id(Path(name)), Path(name), layout="zarr", layers=layers,
-                              layer_axis=layout.layer_axis, mask=local_mask, remote=store))  # fmt: skip
+
+        def segment(c: LayerChoice, n_layers=array.shape[layout.layer_axis], axis=layout.layer_axis, store=store,
+                    name=name, local_mask=local_mask) -> Fragment:  # fmt: skip
+            return Fragment(segment_id(Path(name)), Path(name), layout="zarr", layers=c.pick(n_layers, store.url),
+                            layer_axis=axis, mask=local_mask, remote=store,
+                            direction="reverse" if c.reverse else "forward")  # fmt: skip
+
+        found.extend(_directions(segment, choice))
     return found
 
 
@@ -92,7 +98,7 @@ def _local_fragments(data: Path, split: str, choice: LayerChoice) -> tuple[list[
     if (data / "surface_volume").is_dir():
         return [Fragment(data.name, data)], []
     if is_segment(data) or is_zarr(data):
-        return [_segment(data, choice)], []
+        return _segments(data, choice), []
     comp = _competition_dir(data, split)
     root = data if comp is None else (comp / split if (comp / split).is_dir() else comp)
     found, warnings = _fragment_dirs(root)
@@ -133,20 +139,42 @@ def _local_fragments(data: Path, split: str, choice: LayerChoice) -> tuple[list[
         path = found[frag_id]
         if (path / "surface_volume").is_dir():
             fragments.append(Fragment(frag_id, path, row_id))
-        else:
-            fragments.append(dataclasses.replace(_segment(path, choice), row_id=row_id))
+        else:  # a segment read both ways is two rows, each named by its own id
+            fragments.extend(
+                dataclasses.replace(s, row_id=None if s.pair else row_id) for s in _segments(path, choice)
+            )
     return fragments, warnings
+
+
+def _segments(path: Path, choice: LayerChoice) -> list[Fragment]:
+    """A scroll segment as ``choice`` reads it; under ``--direction both`` twice, ``<id>.forward`` (as read) and
+    ``<id>.reverse`` (its picked layers reversed)."""
+    return _directions(lambda c: _segment(path, c), choice)
+
+
+def _directions(segment, choice: LayerChoice) -> list[Fragment]:
+    """``[segment(choice)]``, or under ``--direction both`` the forward fragment and its reversed twin."""
+    if not choice.both:
+        return [segment(choice)]
+    one = segment(dataclasses.replace(choice, reverse=False))
+    return [
+        dataclasses.replace(one, id=f"{one.id}.{way}", pair=one.id, direction=way, layers=layers)
+        for way, layers in (("forward", one.layers), ("reverse", one.layers[::-1]))
+    ]
 
 
 def _segment(path: Path, choice: LayerChoice) -> Fragment:
     """A scroll segment (``layers/`` or ``.zarr``), with the 65 layers of its stack that ``choice`` picks."""
+    way = "reverse" if choice.reverse else "forward"
     if is_zarr(path):
         mask = next(iter(segment_masks(path)), None)
         array, layout = open_zarr_array(path, layer_axis=choice.axis, mask=mask)
         layers = choice.pick(array.shape[layout.layer_axis], str(path))
-        return Fragment(segment_id(path), path, layout="zarr", layers=layers, layer_axis=layout.layer_axis)
+        return Fragment(segment_id(path), path, layout="zarr", layers=layers, layer_axis=layout.layer_axis,
+                        direction=way)  # fmt: skip
     files = layer_files(path / LAYERS_DIR, str(path / LAYERS_DIR))
-    return Fragment(path.name, path, layout="segment", layers=choice.pick(len(files), str(path / LAYERS_DIR)))
+    layers = choice.pick(len(files), str(path / LAYERS_DIR))
+    return Fragment(path.name, path, layout="segment", layers=layers, direction=way)
 
 
 def _competition_dir(data: Path, split: str) -> Path | None:

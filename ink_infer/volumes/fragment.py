@@ -15,8 +15,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Fragment:
     """One fragment: ``path`` is the folder holding ``surface_volume/`` and ``mask.png`` (layout ``kaggle``), a
-    segment's folder holding ``layers/`` (``segment``), or a ``.zarr`` store (``zarr``; local, or ``remote``); ``layers``: for segments,
-    the stack indices the models' 65 layers read, in their order (``segments.LayerChoice``)."""
+    segment's folder holding ``layers/`` (``segment``), or a ``.zarr`` store (``zarr``: local, or ``remote``);
+    ``layers``: for segments,
+    the stack indices the models' 65 layers read, in their order (``segments.LayerChoice``). Under ``--direction
+    both`` a segment is two fragments, ``<seg>.forward`` and ``<seg>.reverse`` (``pair`` is ``<seg>``), named so in
+    every output."""
 
     id: str
     path: Path
@@ -35,6 +38,19 @@ class Fragment:
     def where(self) -> str:
         """Where its data is, for messages: the URL of a remote store, else the local path."""
         return str(self.remote) if self.remote is not None else str(self.path)
+
+    # --direction: a segment's layers as read ("forward") or reversed ("reverse"); None: a Kaggle fragment, which
+    # --direction (like --reverse-layers before it) leaves as it is
+    direction: str | None = None
+    pair: str | None = None  # --direction both: the segment's own id, ``id`` being ``<pair>.<direction>``
+
+    @property
+    def key_id(self) -> str:
+        """The id its partials are saved and keyed under: the segment's own, plus ``.reverse`` for its layers
+        reversed, whatever ``--direction`` the run asked for, so that ``--direction both`` reuses what a
+        one-direction run computed, and a one-direction run what ``both`` computed."""
+        own = self.pair or self.id
+        return f"{own}.reverse" if self.direction == "reverse" else own
 
     @property
     def submission_id(self) -> str:

@@ -7,9 +7,10 @@
   (``pip install 'ink_infer[zarr]'``); the mask beside it, ``<seg>_mask.png``, or inside, ``<seg>.zarr/mask.png``.
 
 The models see 65 layers. Of a longer stack, ``--layers START:STOP`` picks them (STOP - START = 65, the numbering of
-the files or of the layer axis), and by default the 65 in the middle; ``--reverse-layers`` turns the pick around for
-segments whose depth runs the other way (model layer 0 is then the stack's layer STOP - 1). ``LayerChoice`` holds
-the choice; ``Fragment.layers`` the stack indices it gives, in the models' order.
+the files or of the layer axis), and by default the 65 in the middle; ``--direction reverse`` (or ``--reverse-layers``) turns the
+pick around for segments whose depth runs the other way (model layer 0 is then the stack's layer STOP - 1), and
+``--direction both`` reads each segment both ways, as two fragments (``discovery``). ``LayerChoice`` holds the
+choice; ``Fragment.layers`` the stack indices it gives, in the models' order.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ _LAYER_NAME = re.compile(r"(\d+)\.tiff?", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """``--layers START:STOP`` (None: centred), ``--reverse-layers``, and a zarr store's ``--layer-axis``
-    (first | last; None: from the store, its mask or its shape, ``zarr_store``)."""
+    """``--layers START:STOP`` (None: centred), ``--direction reverse`` (``reverse``), and a zarr store's
+    ``--layer-axis`` (first | last; None: from the store, its mask or its shape, ``zarr_store``). ``both``
+    (``--direction both``): each segment is found twice, as read and reversed; ``pick`` reads ``reverse`` alone."""
 
     span: tuple[int, int] | None = None
     reverse: bool = False
     axis: str | None = None
+    both: bool = False
 
     def pick(self, n_layers: int, where: str) -> tuple[int, ...]:
         """The stack indices the models' 65 layers read, in their order; ``UserError`` naming ``where``."""
