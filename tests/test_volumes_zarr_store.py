@@ -191,7 +191,8 @@ def test_a_chunk_that_cannot_be_decoded_is_one_line_naming_it(segment, manifest,
 
 def test_the_chunk_listing_follows_the_store_format(tmp_path: Path) -> None:
     """Chunk names of zarr v2 (``.`` separated) and v3 (``c/`` and ``/``) are read as indices."""
-    from ink_infer.volumes.zarr_store import chunk_files, open_zarr_array
+    from ink_infer.volumes.zarr_open import open_zarr_array
+    from ink_infer.volumes.zarr_store import chunk_files
 
     for fmt in (2, 3):
         path = tmp_path / f"v{fmt}.zarr"

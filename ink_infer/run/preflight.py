@@ -159,7 +159,9 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
     from ink_infer.volumes.discovery import find_fragments
     from ink_infer.volumes.remote import WIRE
     from ink_infer.volumes.rotation import with_rotation
+    from ink_infer.volumes.zarr_open import forget_remote_stores
 
+    forget_remote_stores()
     before = WIRE.as_dict()
 
     if not is_url(cfg.data) and not Path(cfg.data).exists():

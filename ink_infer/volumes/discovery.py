@@ -23,7 +23,7 @@ from ink_infer.volumes.segments import (
     segment_id,
     segment_masks,
 )
-from ink_infer.volumes.zarr_store import open_zarr_array
+from ink_infer.volumes.zarr_open import open_zarr_array
 
 log = logging.getLogger(__name__)
 
