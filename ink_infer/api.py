@@ -23,10 +23,11 @@ from ink_infer.config import ModelSpec, RunConfig, ThresholdSpec
 from ink_infer.errors import UserError
 from ink_infer.manifest import DEMO_MANIFEST, Manifest, default_manifest
 from ink_infer.outputs.report import RunReport
+from ink_infer.volumes.remote import is_url
 
 # RunConfig fields a caller of ``predict`` may set (the rest is the ensemble's, or makes no sense in memory)
 RUN_OPTIONS = ("stride", "tta", "batch_size", "devices", "unit_windows", "layers", "direction", "reverse_layers",
-               "layer_axis", "missing_chunks", "rotate",
+               "layer_axis", "missing_chunks", "rotate", "mask", "storage_options", "cache", "cache_gb",
                "compile", "budget", "on_model_error", "max_nonfinite", "fresh", "require_hashes")  # fmt: skip
 
 
@@ -103,12 +104,18 @@ def predict(ensemble: Ensemble, path: str | Path, *, out: str | Path | None = No
     from ink_infer.volumes.segments import LayerChoice
 
     _check_options(options)
-    if Path(path).exists():  # counted before anything runs (a missing path is predict_all's one line)
+    if (
+        not is_url(path) and Path(path).exists()
+    ):  # counted before anything runs (a missing path is predict_all's one line)
         choice = LayerChoice(axis=options.get("layer_axis"), both=options.get("direction") == "both")
         n = len(find_fragments(Path(path), layers=choice)[0])
         if n != 1:
             raise UserError(f"{path}: {n} fragments or segments, expected one (predict_all runs several)")
     found = predict_all(ensemble, path, out=out, threshold=threshold, **options)
+    if len(found) != 1:  # a URL is counted once found (a folder URL may hold several stores)
+        raise UserError(
+            f"{path}: {len(found)} fragments or segments, expected one (predict_all runs several)"
+        )
     return next(iter(found.values()))
 
 
@@ -126,10 +133,11 @@ def predict_all(ensemble: Ensemble, data: str | Path, *, out: str | Path | None 
         raise UserError(
             f"predict: unknown option(s) {', '.join(unknown)}; expected some of {', '.join(RUN_OPTIONS)}"
         )
+    data = data if is_url(data) else Path(data)
     if out is None:
         with tempfile.TemporaryDirectory(prefix="ink_infer_") as tmp:
-            return _predict_into(ensemble, Path(data), Path(tmp), threshold, options)
-    return _predict_into(ensemble, Path(data), Path(out), threshold, options)
+            return _predict_into(ensemble, data, Path(tmp), threshold, options)
+    return _predict_into(ensemble, data, Path(out), threshold, options)
 
 
 def _check_options(options: dict) -> None:
@@ -140,18 +148,23 @@ def _check_options(options: dict) -> None:
         )
 
 
-def _predict_into(ensemble: Ensemble, data: Path, out: Path, threshold: float | None, options: dict):
+def _predict_into(ensemble: Ensemble, data: Path | str, out: Path, threshold: float | None, options: dict):
     from ink_infer.run import pipeline
 
-    if not data.exists():
+    if not is_url(data) and not data.exists():
         raise UserError(f"{data}: not found (expected a fragment, a segment, or a folder of them)")
     if isinstance(options.get("layers"), str):
         from ink_infer.volumes.segments import parse_layers
 
         options["layers"] = parse_layers(options["layers"])
     options["devices"] = tuple(options.get("devices") or ())
+    if isinstance(options.get("storage_options"), dict):  # {"anon": True}, as fsspec takes them
+        options["storage_options"] = tuple(options["storage_options"].items())
+    for name in ("mask", "cache"):
+        if options.get(name) is not None:
+            options[name] = Path(options[name]).absolute()
     cfg = RunConfig(
-        data=data.absolute(), out=out.absolute(), manifest=ensemble.manifest.path, weights=ensemble.weights_dir,
+        data=data if is_url(data) else data.absolute(), out=out.absolute(), manifest=ensemble.manifest.path, weights=ensemble.weights_dir,
         device=ensemble.device, allow_random_weights=ensemble.allow_random_weights, quiet=True, previews=False,
         save_probabilities=False, threshold_percentile=None if threshold is None else float(threshold),
         **options,

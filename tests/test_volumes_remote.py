@@ -358,3 +358,23 @@ def test_a_sharded_v3_store_over_http(segs, local_maps, manifest, tmp_path, stan
         gets = served.chunk_gets()
     np.testing.assert_array_equal(probabilities(out), local_maps["s1"])
     assert gets and max(gets.values()) == 1 and len(gets) <= 5 * 2  # shard files, each once
+
+
+def test_remote_store_through_the_python_api_and_device_workers(
+    segs, local_maps, manifest, tmp_path, standins
+):
+    """``ink_infer.predict`` takes a URL (and fsspec's options as a dict); ``--devices cpu,cpu`` workers read the
+    store through the shared cache: the local bytes both ways, each chunk over the wire once."""
+    import ink_infer
+
+    ensemble = ink_infer.load_ensemble(manifest, device="cpu", allow_random_weights=True)
+    with http_folder(segs) as (url, served):
+        found = ink_infer.predict(ensemble, f"{url}/s1.zarr", stride=64, storage_options={"block_size": 0},
+                                  cache=tmp_path / "api_cache")  # fmt: skip
+        assert run_cli(f"{url}/s1.zarr", tmp_path / "out", manifest, "--devices", "cpu,cpu") == 0
+        gets = served.chunk_gets()
+    from ink_infer.outputs.maps import quantised
+
+    np.testing.assert_array_equal(quantised(found.probability), local_maps["s1"])
+    np.testing.assert_array_equal(probabilities(tmp_path / "out"), local_maps["s1"])
+    assert max(gets.values()) <= 2  # the API's run and the workers' run: once each

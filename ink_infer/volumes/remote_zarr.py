@@ -4,6 +4,7 @@ The wire itself (file systems, retries, the cache) is ``remote.py``'s."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -59,8 +60,8 @@ def fetching_store(remote: Remote):
 
         async def _whole(self, key: str, prototype) -> bytes | None:
             cache = None if key.rsplit("/", 1)[-1] in METADATA_KEYS else self.shared.cache
-            if cache is not None:
-                data = cache.read(key)
+            if cache is not None:  # in a thread, as zarr reads local files: chunks are read side by side
+                data = await asyncio.to_thread(cache.read, key)
                 if data is not None:
                     WIRE.add(cache_hits=1)
                     return data
@@ -74,7 +75,7 @@ def fetching_store(remote: Remote):
             data = buffer.to_bytes()
             WIRE.add(bytes=len(data))
             if cache is not None:
-                cache.write(key, data)
+                await asyncio.to_thread(cache.write, key, data)
             return data
 
     fs, path = filesystem(remote, asynchronous=True)
