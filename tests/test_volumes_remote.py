@@ -250,6 +250,11 @@ def test_pyramid_mask_when_a_remote_store_has_none(tmp_path, manifest, standins)
     assert level0_gets and columns <= {0, 1}  # chunks of columns 256..511, free of papyrus, never fetched
     ink = cv2.imread(str(out / "masks" / "s3.png"), cv2.IMREAD_GRAYSCALE)
     assert ink is not None and not ink[:, 256:].any()
+    # the same store on local disk gets the same mask: the same windows, the same map
+    local = tmp_path / "local"
+    assert run_cli(root / "s3.zarr", local, manifest) == 0
+    assert report_of(local)["fragments"]["s3"]["windows"] == rep["fragments"]["s3"]["windows"]
+    np.testing.assert_array_equal(probabilities(local, "s3"), probabilities(out, "s3"))
 
 
 def test_mask_option_and_its_mistakes(segs, manifest, tmp_path, standins, capsys):
