@@ -1,0 +1,201 @@
+"""The Grand Prize TimeSformer's family: how the 2023 GP script (``inference_timesformer.py`` @0efba1b,
+``../shared/reference/GP_TIMESFORMER.md``) turns a segment into a probability map, rebuilt to stream.
+
+What defines its numbers, kept exactly:
+- layers 17..42 of the 65 (``Z_RANGE``; under ``--direction reverse`` the same 26 layers in reverse order, as the GP
+  script reverses its selection in place, not the stack);
+- 16-bit values as ``v >> 8`` (what OpenCV's 8-bit read gives; ink_infer's uint8 volumes hold ``257 v``, whose high
+  byte is ``v``), clipped to 200, times ``float32(1/255)``;
+- the plane zero-padded at the bottom and right by ``256 - H % 256`` rows and ``256 - W % 256`` columns (a full 256
+  when already a multiple), the mask likewise (no mask file: every pixel valid, the padding included);
+- 64-px windows at stride 21 over the padded plane, kept only when wholly inside the mask, row-major;
+- 16 logits -> 4 x 4 (row-major) -> sigmoid -> x16 bilinear (``align_corners=False``) -> times ``gkern(64, 1)``
+  divided by its max, added to the sum while the count gets ones; the sum divided by the count clipped at 1, clipped
+  to [0, 1], cropped to the segment.
+
+What is ours: the sums live in a band of rows that moves down the plane (windows start in row order, so a row above
+the current origin row is final), never two float64 full-size maps; the stack is never whole in memory. The GP's
+division by the padded map's global max and its uint8 truncation are a display step (``gp_png``), never part of an
+ensemble.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ink_infer.geometry import N_SLICES
+
+TILE = 64  # window side
+STRIDE = 21  # the GP script's tile_size // 3
+PAD = 256  # the plane is padded up to (more than) a multiple of this
+Z_RANGE = (17, 43)  # the 26 layers of the 65 the model reads
+CLIP = 200  # 8-bit values above are clipped
+DIVISOR = 255  # albumentations' Normalize(mean 0, std 1) default max_pixel_value: the training scale
+UPSCALE = 16  # 4 x 4 logits -> 64 x 64
+
+
+@dataclass(frozen=True)
+class GPSettings:
+    """The family's settings: the reference by default; villa's variants by name (``stride`` 32 or 16, ``divisor``
+    200, ``any_overlap`` windows: kept when any mask pixel is inside)."""
+
+    stride: int = STRIDE
+    divisor: float = DIVISOR
+    any_overlap: bool = False
+    reverse: bool = False  # the 26 layers in reverse order (the GP script's reversed segments)
+
+
+def gkern(size: int = TILE, nsig: float = 1.0) -> np.ndarray:
+    """The GP script's blending kernel: the standard normal's mass in ``size`` equal bins over [-nsig, nsig], outer
+    product, divided by its sum, then by its max (1.0 at the centre). float64."""
+    edges = np.linspace(-nsig, nsig, size + 1)
+    cdf = np.array([0.5 * (1.0 + math.erf(e / math.sqrt(2.0))) for e in edges])
+    k1 = np.diff(cdf)
+    k = np.outer(k1, k1)
+    k = k / k.sum()
+    return k / k.max()
+
+
+def padded_shape(height: int, width: int) -> tuple[int, int]:
+    """The GP script's padded plane: ``PAD - side % PAD`` more rows and columns (a full ``PAD`` on a multiple)."""
+    return height + PAD - height % PAD, width + PAD - width % PAD
+
+
+def padded_mask(mask: np.ndarray | None, height: int, width: int) -> np.ndarray:
+    """The mask on the padded plane: zero padding; no mask: every pixel, the padding included (as the GP script)."""
+    ph, pw = padded_shape(height, width)
+    if mask is None:
+        return np.ones((ph, pw), bool)
+    out = np.zeros((ph, pw), bool)
+    out[:height, :width] = mask
+    return out
+
+
+def kept_origins(mask: np.ndarray, settings: GPSettings = GPSettings()) -> np.ndarray:
+    """``(N, 2)`` int64 ``(y, x)`` of the windows the run keeps, row-major: every ``stride`` on the padded plane,
+    wholly inside ``mask`` (the padded mask), or touching it with ``any_overlap``."""
+    ph, pw = mask.shape
+    ys = np.arange(0, ph - TILE + 1, settings.stride)
+    xs = np.arange(0, pw - TILE + 1, settings.stride)
+    inside = np.zeros((ph + 1, pw + 1), np.int64)  # summed-area table of mask pixels
+    inside[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    y0, x0 = np.meshgrid(ys, xs, indexing="ij")
+    count = inside[y0 + TILE, x0 + TILE] - inside[y0, x0 + TILE] - inside[y0 + TILE, x0] + inside[y0, x0]
+    keep = count > 0 if settings.any_overlap else count == TILE * TILE
+    return np.stack([y0[keep], x0[keep]], axis=1).astype(np.int64)
+
+
+def layer_indices(settings: GPSettings) -> list[int]:
+    """The indices into the 65 picked layers the model reads, in its frame order (reversed in place on request)."""
+    picked = list(range(*Z_RANGE))
+    return picked[::-1] if settings.reverse else picked
+
+
+def to_input(raw: np.ndarray, divisor: float = DIVISOR) -> np.ndarray:
+    """uint16 layers (ink_infer's volumes) -> the model's float32: ``min(v >> 8, 200) * float32(1 / divisor)``."""
+    eight = np.minimum(raw >> 8, CLIP).astype(np.float32)
+    return eight * np.float32(1.0 / divisor)
+
+
+class BandSums:
+    """The sums of the windows over rows ``[top, top + rows)`` of the padded plane: the numerator (float64, kernel
+    weighted) and the count (ones); rows above the next origin row are final and handed out by ``flush``."""
+
+    def __init__(self, width: int, rows: int = 2 * TILE) -> None:
+        self.top = 0
+        self.numerator = np.zeros((rows, width), np.float64)
+        self.count = np.zeros((rows, width), np.int32)
+
+    def add(self, y: int, x: int, values: np.ndarray) -> None:
+        r = y - self.top
+        self.numerator[r : r + TILE, x : x + TILE] += values
+        self.count[r : r + TILE, x : x + TILE] += 1
+
+    def flush(self, until: int) -> np.ndarray:
+        """The final probabilities of rows ``[top, until)`` (float32; rows no window reached: 0), the band moved
+        down past them."""
+        n, held = until - self.top, len(self.numerator)
+        done = np.zeros((n, self.numerator.shape[1]), np.float32)
+        k = min(n, held)
+        done[:k] = np.clip(np.nan_to_num(self.numerator[:k] / np.maximum(self.count[:k], 1)), 0.0, 1.0)
+        self.numerator = np.concatenate([self.numerator[k:], np.zeros_like(self.numerator[:k])])
+        self.count = np.concatenate([self.count[k:], np.zeros_like(self.count[:k])])
+        self.top = until
+        return done
+
+
+def predict_gp(
+    forward: Callable[[np.ndarray], np.ndarray], volume, mask: np.ndarray | None,
+    settings: GPSettings = GPSettings(), *, batch_size: int = 64, padded: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """The family's probability map ``(H, W)`` float32 of ``volume`` (``read_band``, ``height``, ``width``) under
+    ``mask`` (``(H, W)`` bool; None: no mask file). ``forward``: ``(B, 1, 26, 64, 64)`` float32 inputs ->
+    ``(B, 64, 64)`` probabilities (``TorchForward``). ``padded``: the whole padded plane instead (what ``gp_png``
+    divides by its max)."""
+    h, w = volume.height, volume.width
+    plane = padded_mask(mask, h, w)
+    origins = kept_origins(plane, settings)
+    ph, pw = plane.shape
+    kernel = gkern()
+    sums = BandSums(pw)
+    out = np.zeros((ph, pw) if padded else (h, w), np.float32)
+    layers = layer_indices(settings)
+    lo, hi = min(layers), max(layers) + 1
+    order = [i - lo for i in layers]
+    for y in (int(v) for v in np.unique(origins[:, 0])):
+        _emit(out, sums.top, sums.flush(y))
+        band = np.zeros((hi - lo, TILE, pw), np.uint16)
+        band[:, :, :w] = volume.read_band(y, y + TILE, lo, hi)
+        stack = to_input(band[order], settings.divisor)
+        xs = origins[origins[:, 0] == y, 1]
+        for k in range(0, len(xs), batch_size):
+            part = xs[k : k + batch_size]
+            probs = forward(np.stack([stack[:, :, x : x + TILE] for x in part])[:, None])
+            for x, p in zip(part, probs, strict=True):
+                sums.add(y, int(x), p.astype(np.float64) * kernel)
+    _emit(out, sums.top, sums.flush(ph))
+    return out
+
+
+def _emit(out: np.ndarray, top: int, rows: np.ndarray) -> None:
+    """Final rows ``[top, top + len(rows))`` of the padded plane into ``out`` (what lies outside it dropped)."""
+    stop = min(top + len(rows), out.shape[0])
+    if stop > top:
+        out[top:stop] = rows[: stop - top, : out.shape[1]]
+
+
+class TorchForward:
+    """``predict_gp``'s ``forward`` for a torch model (``(B, 1, 26, 64, 64)`` -> ``(B, 16)`` or ``(B, 1, 4, 4)``
+    logits): fp16 autocast on CUDA, fp32 on the CPU (as the GP script: its CUDA autocast is off on the CPU), then
+    sigmoid and x16 bilinear with ``align_corners=False``, in the GP script's order."""
+
+    def __init__(self, model, device="cpu") -> None:
+        self.model, self.device = model, device
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(tiles).to(self.device)
+        with torch.no_grad(), torch.autocast("cuda", enabled=x.is_cuda):
+            logits = self.model(x)
+        probs = torch.sigmoid(logits.reshape(-1, 1, 4, 4)).float()
+        up = F.interpolate(probs, scale_factor=UPSCALE, mode="bilinear", align_corners=False)
+        return up[:, 0].cpu().numpy()
+
+
+def gp_png(padded_map: np.ndarray) -> np.ndarray:
+    """The GP script's picture from the map on its padded plane (``predict_gp(..., padded=True)``): divided by its
+    global max, ``p * 255`` truncated to uint8, at the padded size, as the script writes it. A display step only."""
+    plane = padded_map.astype(np.float64)
+    top = plane.max()
+    if top > 0:
+        plane = plane / top
+    return (plane * 255).astype(np.uint8)
+
+
+assert Z_RANGE[1] <= N_SLICES
