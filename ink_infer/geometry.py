@@ -27,3 +27,7 @@ WIDTH_DEFAULTS = {"dim": 512, "base_channels": 64, "head_dim": 512}
 
 
 WIDTH_ARCH = {"dim": "2.5d", "base_channels": "csn3d", "head_dim": "csn3d"}
+
+# Fixed point of the sums (engine.stitch): a probability p is summed as round(p * FIXED_SCALE), float32's own
+# resolution at 1, so sums are exact integers whatever order windows, ranges and devices add them in.
+FIXED_SCALE = 2**24

@@ -107,8 +107,9 @@ def run(model, seg: Path, *, mask: bool = True, reverse: bool = False, padded: b
     fragment = Fragment("s1", seg, layout="segment", layers=tuple(range(65)))
     own = cv2.imread(str(seg / "s1_mask.png"), 0) > 0 if mask else None
     with open_volume(fragment) as volume:
-        return predict_gp(TorchForward(model), volume, own, GPSettings(reverse=reverse), batch_size=7,
-                          padded=padded)  # fmt: skip
+        found, _ = predict_gp(TorchForward(model), volume, own, GPSettings(reverse=reverse), batch_size=7,
+                              padded=padded)  # fmt: skip
+        return found
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -147,3 +148,21 @@ def test_the_pieces():
     assert origins.tolist()[:3] == [[0, 0], [0, 21], [0, 42]]
     any_overlap = kept_origins(plane, GPSettings(any_overlap=True))
     assert len(any_overlap) > len(origins) and (any_overlap[:, 0] <= 99).all()
+
+
+def test_row_ranges_give_the_rows_of_the_whole_map(model, segment):
+    """A row-range unit computes exactly its rows (only the windows reaching them): ranges put together are the
+    whole map, whatever the cuts (on the 32-px grid, as runs cut, or anywhere)."""
+    fragment = Fragment("s1", segment, layout="segment", layers=tuple(range(65)))
+    own = cv2.imread(str(segment / "s1_mask.png"), 0) > 0
+    with open_volume(fragment) as volume:
+        whole, n = predict_gp(TorchForward(model), volume, own)
+        for cuts in ([0, 64, 150], [0, 32, 96, 128, 150], [0, 50, 51, 150]):
+            parts = [
+                predict_gp(TorchForward(model), volume, own, rows=(a, b))
+                for a, b in zip(cuts, cuts[1:], strict=False)
+            ]
+            np.testing.assert_array_equal(np.concatenate([p for p, _ in parts]), whole)
+            assert sum(k for _, k in parts) >= n  # windows reaching two ranges run in both
+        sampled, k = predict_gp(TorchForward(model), volume, own, sample=5)
+    assert k == 5 and sampled.shape == whole.shape

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from ink_infer import geometry
 from ink_infer.geometry import BLOCK
 
 
@@ -45,7 +46,7 @@ def upsample_probs(logits: torch.Tensor, side: int) -> torch.Tensor:
     return a @ probs @ a.T
 
 
-FIXED_SCALE = 2**24  # a probability p is summed as round(p * FIXED_SCALE)
+FIXED_SCALE = geometry.FIXED_SCALE  # a probability p is summed as round(p * FIXED_SCALE)
 
 
 class SumMap:

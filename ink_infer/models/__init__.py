@@ -8,26 +8,30 @@ normalisation (``engine.windows``) are the caller's job (the pipeline does them 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING
 
 from ink_infer.config import ModelSpec
 from ink_infer.errors import UserError
-from ink_infer.models import csn3d, inkdet25d
 
-BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {
-    "2.5d": inkdet25d.from_spec,
-    "csn3d": csn3d.from_spec,
+if TYPE_CHECKING:
+    from torch import nn
+
+# arch -> "module:builder", imported when a model is built: the package itself stays free of torch, so the
+# torch-free start (run.plan, run.preflight) may read a family's geometry (models.gp_family)
+BUILDERS: dict[str, str] = {
+    "2.5d": "ink_infer.models.inkdet25d:from_spec",
+    "csn3d": "ink_infer.models.csn3d:from_spec",
 }
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """A randomly initialised model for ``spec``, on the CPU, float32, in eval mode."""
-    builder = BUILDERS.get(spec.arch)
-    if builder is None:
+    target = BUILDERS.get(spec.arch)
+    if target is None:
         raise UserError(f"model {spec.name!r}: arch {spec.arch!r}, expected one of {sorted(BUILDERS)}")
-    return builder(spec).eval()
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(spec).eval()
 
 
 __all__ = ["BUILDERS", "build_model"]

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ink_infer.geometry import N_SLICES
+from ink_infer.geometry import BLOCK, FIXED_SCALE, N_SLICES
 
+ARCH = "timesformer"  # manifest entries of this family
+BATCH = {"cpu": 64, "cuda": 256}  # windows per forward: the GP script's 256 on a GPU
 TILE = 64  # window side
 STRIDE = 21  # the GP script's tile_size // 3
 PAD = 256  # the plane is padded up to (more than) a multiple of this
@@ -130,24 +132,30 @@ class BandSums:
 
 def predict_gp(
     forward: Callable[[np.ndarray], np.ndarray], volume, mask: np.ndarray | None,
-    settings: GPSettings = GPSettings(), *, batch_size: int = 64, padded: bool = False,
-) -> np.ndarray:  # fmt: skip
-    """The family's probability map ``(H, W)`` float32 of ``volume`` (``read_band``, ``height``, ``width``) under
-    ``mask`` (``(H, W)`` bool; None: no mask file). ``forward``: ``(B, 1, 26, 64, 64)`` float32 inputs ->
-    ``(B, 64, 64)`` probabilities (``TorchForward``). ``padded``: the whole padded plane instead (what ``gp_png``
-    divides by its max)."""
+    settings: GPSettings = GPSettings(), *, batch_size: int = 64, rows: tuple[int, int] | None = None,
+    padded: bool = False, sample: int | None = None,
+) -> tuple[np.ndarray, int]:  # fmt: skip
+    """``(the family's probability map, windows run)`` of ``volume`` (``read_band``, ``height``, ``width``) under
+    ``mask`` (``(H, W)`` bool; None: no mask file): ``(H, W)`` float32, or rows ``[y0, y1)`` of it (``rows``: a
+    row-range unit; only the windows that reach them run), or the whole padded plane (``padded``: what ``gp_png``
+    divides by its max). ``forward``: ``(B, 1, 26, 64, 64)`` float32 -> ``(B, 64, 64)`` probabilities
+    (``TorchForward``). ``sample``: only that many windows, spread over the plane (a dry run's timing)."""
     h, w = volume.height, volume.width
     plane = padded_mask(mask, h, w)
     origins = kept_origins(plane, settings)
     ph, pw = plane.shape
-    kernel = gkern()
-    sums = BandSums(pw)
-    out = np.zeros((ph, pw) if padded else (h, w), np.float32)
-    layers = layer_indices(settings)
+    y0, y1 = rows if rows is not None else (0, ph if padded else h)
+    origins = origins[(origins[:, 0] > y0 - TILE) & (origins[:, 0] < y1)]
+    if sample is not None and len(origins) > sample:
+        origins = origins[np.linspace(0, len(origins) - 1, sample).round().astype(int)]
+    kernel, layers = gkern(), layer_indices(settings)
     lo, hi = min(layers), max(layers) + 1
     order = [i - lo for i in layers]
+    sums = BandSums(pw)
+    sums.top = int(origins[0, 0]) if len(origins) else y0
+    out = np.zeros((y1 - y0, pw if padded else w), np.float32)
     for y in (int(v) for v in np.unique(origins[:, 0])):
-        _emit(out, sums.top, sums.flush(y))
+        _emit(out, sums.top - y0, sums.flush(y))
         band = np.zeros((hi - lo, TILE, pw), np.uint16)
         band[:, :, :w] = volume.read_band(y, y + TILE, lo, hi)
         stack = to_input(band[order], settings.divisor)
@@ -157,15 +165,53 @@ def predict_gp(
             probs = forward(np.stack([stack[:, :, x : x + TILE] for x in part])[:, None])
             for x, p in zip(part, probs, strict=True):
                 sums.add(y, int(x), p.astype(np.float64) * kernel)
-    _emit(out, sums.top, sums.flush(ph))
-    return out
+    _emit(out, sums.top - y0, sums.flush(max(y1, sums.top)))
+    return out, len(origins)
+
+
+def unit_rows(shape: tuple[int, int], rows: tuple[int, int] | None) -> tuple[int, int]:
+    """The pixel rows a unit of this family computes: the whole fragment, or a row range's own block rows
+    ``[r0, r1)`` (the ranges partition the rows: ``plan.split_rows`` ends the last one past the mask's last row)."""
+    if rows is None:
+        return 0, shape[0]
+    return min(rows[0] * BLOCK, shape[0]), min(rows[1] * BLOCK, shape[0])
+
+
+def unit_sums(forward, volume, plan, block_rows: tuple[int, int], settings: GPSettings, *, batch_size: int,
+              sample: int | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
+    """A unit's result as the engine keeps every unit's: fixed-point sums (``geometry.FIXED_SCALE``) on the
+    cover grid's ``block_rows``, ``((hi - lo) * 32, cw * 32)`` int64, which finish (``stitch.finalize``) over a
+    count of 1 (``gp_coverage``) to this family's map; and the windows run. ``plan``: the item (its ``shape``,
+    ``mask``, ``rows``)."""
+    lo, hi = block_rows
+    y0, y1 = unit_rows(plan.shape, plan.rows)
+    cw = -(-plan.shape[1] // BLOCK)
+    sums = np.zeros(((hi - lo) * BLOCK, cw * BLOCK), np.int64)
+    if y1 <= y0:
+        return sums, 0
+    prob, n = predict_gp(
+        forward, volume, plan.mask, settings, batch_size=batch_size, rows=(y0, y1), sample=sample
+    )
+    top = y0 - lo * BLOCK
+    sums[top : top + len(prob), : prob.shape[1]] = np.rint(prob.astype(np.float64) * FIXED_SCALE)
+    return sums, n
+
+
+def gp_coverage(mask: np.ndarray) -> np.ndarray:
+    """``(ch, cw)`` int32 on the cover grid: 1 where a block holds mask pixels. The family's map is final where the
+    mask is (its windows lie wholly inside it), so as a sum over a count of 1 it merges and ensembles like any."""
+    h, w = mask.shape
+    ch, cw = -(-h // BLOCK), -(-w // BLOCK)
+    grid = np.zeros((ch * BLOCK, cw * BLOCK), bool)
+    grid[:h, :w] = mask
+    return grid.reshape(ch, BLOCK, cw, BLOCK).any(axis=(1, 3)).astype(np.int32)
 
 
 def _emit(out: np.ndarray, top: int, rows: np.ndarray) -> None:
-    """Final rows ``[top, top + len(rows))`` of the padded plane into ``out`` (what lies outside it dropped)."""
-    stop = min(top + len(rows), out.shape[0])
-    if stop > top:
-        out[top:stop] = rows[: stop - top, : out.shape[1]]
+    """Final rows starting at row ``top`` of ``out`` (negative: above it) into ``out``; what lies outside dropped."""
+    start, stop = max(top, 0), min(top + len(rows), out.shape[0])
+    if stop > start:
+        out[start:stop] = rows[start - top : stop - top, : out.shape[1]]
 
 
 class TorchForward:

@@ -17,11 +17,9 @@ import torch
 
 from ink_infer.config import ModelSpec
 from ink_infer.engine.compiling import compile_model
-from ink_infer.engine.predict import PassSettings, PredictStats, predict_fragment
-from ink_infer.engine.tiling import Windows, spread_sample
 from ink_infer.engine.tuning import tune
 from ink_infer.errors import DeviceError, ModelRunError, UserError
-from ink_infer.models import build_model
+from ink_infer.models import build_model, gp_family
 from ink_infer.models.checkpoint import load_weights
 from ink_infer.models.swin_attention import freeze_window_bias
 from ink_infer.outputs.progress import RunProgress
@@ -35,7 +33,7 @@ from ink_infer.run.partials import PartialStore
 from ink_infer.run.plan import FragmentPlan, Unit, Weights
 from ink_infer.run.runtime import Runtime, gpu_peaks_gib, host_peak_gib
 from ink_infer.run.stop import Interrupted, StopRequest
-from ink_infer.volumes.reader import open_volume
+from ink_infer.run.unit_pass import UnitPass, run_unit
 from ink_infer.volumes.remote import WIRE
 
 log = logging.getLogger(__name__)
@@ -247,14 +245,14 @@ def _compute(
     try:
         model, fixed_batch, loaded = _prepared(spec, weights, todo, ctx)
         yield loaded
-        pass_ = _Pass(model, ctx, loaded.tuning["batch_size"], fixed_batch, sum(u.windows for u in todo))
+        pass_ = UnitPass(model, ctx, loaded.tuning["batch_size"], fixed_batch, sum(u.windows for u in todo))
         for n, unit in enumerate(todo):
             ctx.stop.check()
             if ctx.claims is not None and n > 0 and not ctx.claims.take(unit):
                 pass_.windows_left -= unit.windows  # another worker computes it
                 continue
             fetched = WIRE.as_dict()
-            sum_map, stats = _run_unit(unit, pass_)
+            sum_map, stats = run_unit(unit, pass_)
             frag = FragmentResult.of_pass(stats, str(ctx.runtime.device))
             frag.wire = WIRE.since(fetched) if unit.fragment.fragment.remote else None
             warnings = check_outputs(spec.name, unit.fragment.id, frag, limit=ctx.options.max_nonfinite)
@@ -279,8 +277,12 @@ def _prepared(
     its probe, and compiled (after that check: no compile for a skipped model). Returns the model, whether its
     batches must keep one shape (compiled), and what loading and tuning found."""
     options, runtime = ctx.options, ctx.runtime
+    gp = (
+        spec.arch == gp_family.ARCH
+    )  # the GP script keeps its weights in float32 (autocast on CUDA) and is not tuned
     try:
-        model, info = load_model(spec, weights.path, device=runtime.device, dtype=runtime.dtype)
+        dtype = torch.float32 if gp else runtime.dtype
+        model, info = load_model(spec, weights.path, device=runtime.device, dtype=dtype)
     except UserError as e:  # checked at the start, so the file changed since: this model's failure alone
         raise ModelRunError(f"weights unusable mid-run: {e}") from None
     model = GuardedModel(model)
@@ -288,6 +290,9 @@ def _prepared(
         log.warning("model %s: random weights (--allow-random-weights)", spec.name)
     elif info["sha256"] != weights.sha256:
         raise ModelRunError(f"{weights.path}: changed since it was checked at the start of the run")
+    if gp:
+        batch = options.batch_size or gp_family.BATCH.get(runtime.device.type, gp_family.BATCH["cpu"])
+        return model, False, Loaded(info, {"batch_size": batch, "compile": "none", "compile_s": 0.0})
     tuning = tune(
         model, spec, device=runtime.device, dtype=runtime.dtype, gpu_mem_gb=options.gpu_mem_gb,
         requested=options.batch_size,
@@ -301,57 +306,6 @@ def _prepared(
     tuned.update(compile=options.compile if eager_why is None else "none", compile_s=compile_s,
                  compile_note=eager_why)  # fmt: skip
     return model, eager_why is None and options.compile != "none", Loaded(info, tuned)
-
-
-@dataclass
-class _Pass:
-    """One model's pass over its units in this process: the loaded model, its batch, and what is done and left
-    (the progress figures count over the model; the budget check projects the windows left)."""
-
-    model: torch.nn.Module
-    ctx: ModelRunContext
-    batch_size: int
-    fixed_batch: bool  # a compiled model: every batch padded to one shape
-    windows_left: int  # this model's windows still to run here, the current unit's included
-    windows: int = 0  # finished so far: windows and predict seconds
-    seconds: float = 0.0
-
-
-def _run_unit(unit: Unit, pass_: _Pass) -> tuple[np.ndarray, PredictStats]:
-    """One unit through ``predict_fragment`` (in a dry run only a spread sample of its windows)."""
-    ctx, frag = pass_.ctx, unit.fragment
-    options = ctx.options
-    origins, ops = frag.origins, frag.ops
-    if options.dry_run:
-        idx = spread_sample(len(origins), options.max_windows)
-        origins, ops = origins[idx], ops[idx]
-
-    def on_batch(stats: PredictStats) -> None:
-        ctx.stop.check()  # SIGTERM / SIGINT: stop between two batches
-        if ctx.progress is not None:
-            ctx.progress.update(pass_.windows + stats.windows, pass_.seconds + stats.seconds)
-        if ctx.eta is not None:
-            # the first slab is a tile's height of rows, the later ones a stride's: on a wide segment its read
-            # and preparation alone would project hours for the few warm-up batches they are spread over
-            ctx.eta.after_batch(
-                batches=stats.batches, windows=stats.windows, seconds=stats.seconds - stats.setup_s,
-                windows_left=pass_.windows_left - stats.windows,
-            )  # fmt: skip
-
-    how = PassSettings(
-        ctx.runtime.device, ctx.runtime.dtype, pass_.batch_size, tta=options.tta, row_blocks=unit.block_rows(),
-        timed=options.dry_run, fixed_batch=pass_.fixed_batch,
-    )  # fmt: skip
-    try:
-        with open_volume(frag.fragment, frag.touched) as volume:
-            sum_map, stats = predict_fragment(
-                pass_.model, unit.model, volume, Windows(frag.touched, origins, ops), how, on_batch=on_batch
-            )
-    except OSError as e:  # the data went away or went bad mid-run: no model can read it
-        raise UserError(f"{frag.fragment.where}: cannot read ({e.strerror or e})") from None
-    pass_.windows_left -= unit.windows
-    pass_.windows, pass_.seconds = pass_.windows + stats.windows, pass_.seconds + stats.seconds
-    return sum_map, stats
 
 
 def _free_units(units: list[Unit], store: PartialStore | None, claims: Claims) -> list[UnitDone]:

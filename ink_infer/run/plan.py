@@ -19,6 +19,7 @@ from ink_infer import geometry
 from ink_infer.config import ModelSpec
 from ink_infer.engine.tiling import cover_grid, spec_coverage, windows_of
 from ink_infer.geometry import BLOCK, MAX_ROWS_PER_BAND
+from ink_infer.models import gp_family
 from ink_infer.volumes.fragment import Fragment
 from ink_infer.volumes.masks import load_mask
 from ink_infer.volumes.reader import open_volume
@@ -169,7 +170,10 @@ def fragment_fingerprint(fragment: Fragment, shape: tuple[int, int], mask: np.nd
 
 def model_count(plan: FragmentPlan, spec: ModelSpec) -> np.ndarray:
     """``(ch, cw)`` int32: how many of the model's squares cover each block of the fragment's cover grid (the
-    partial blocks of the remainder rows and columns included, as the reference counted them)."""
+    partial blocks of the remainder rows and columns included, as the reference counted them); a family whose
+    map is final where the mask is (the GP TimeSformer's): 1 on every block holding mask pixels."""
+    if spec.arch == gp_family.ARCH:
+        return gp_family.gp_coverage(plan.mask)
     return spec_coverage(plan.origins, plan.shape, spec)
 
 
