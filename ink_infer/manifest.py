@@ -295,9 +295,45 @@ example:
 """
 
 
+CONVERT_HELP = """\
+Convert a checkpoint that cannot be read safely (weights_only=True refuses it: the Grand Prize's Lightning file
+pickles its optimizer) into a safetensors file that runs read without pickle. The checkpoint IS unpickled, which can
+run code: only for a file you trust, named by its sha256 (`sha256sum FILE`), and in a separate process.
+
+exit status: 0 converted; 2 refused (no or wrong --sha256) or failed.
+
+example:
+  python -m ink_infer.manifest convert --trust timesformer_weights.ckpt --sha256 <64 hex digits>
+"""
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="a checkpoint you trust, to safetensors", description=CONVERT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    c.add_argument("--trust", type=Path, required=True, metavar="FILE", help="the checkpoint to convert")
+    c.add_argument("--sha256", default=None, metavar="HEX", help="FILE's sha256 (required)")
+    c.add_argument("--out", type=Path, default=None, metavar="OUT",
+                   help="the safetensors file to write (default: FILE with the suffix .safetensors)")  # fmt: skip
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from ink_infer.models.convert import convert  # torch, only for this command
+
+    try:
+        out, n, digest = convert(args.trust, args.sha256, args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{out}: {n} tensors from {args.trust}; sha256 {digest}, {out.stat().st_size} bytes (for the manifest)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ink_infer.manifest", description="weights_manifest.json tools: hash the weight files"
+        prog="python -m ink_infer.manifest",
+        description="weights_manifest.json tools: hash the weight files, convert a trusted checkpoint",
     )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     h = sub.add_parser(
@@ -312,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--out", type=Path, default=None, metavar="FILE",
                    help="where the filled-in manifest goes (default: --manifest itself when given, else "
                         "DIR/weights_manifest.json)")  # fmt: skip
+    _add_convert(sub)
     args = parser.parse_args(argv)
+    if args.cmd == "convert":
+        return _run_convert(args)
     try:
         if not args.weights.is_dir():
             raise UserError(f"{args.weights}: --weights is not a folder")
