@@ -127,7 +127,13 @@ def _plain(value: Any) -> Any:
 def _child(src: Path, dst: Path, sha256: str) -> int:
     """The child's work: hash, unpickle (trusted), extract, write. Returns the tensor count."""
     import torch
-    from safetensors.torch import save_file
+
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError(
+            "writing safetensors needs the safetensors package: pip install 'ink_infer[timesformer]'"
+        ) from None
 
     data = src.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
