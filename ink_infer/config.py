@@ -32,7 +32,7 @@ class ModelSpec:
     ``z_range`` is ``[start, stop)`` within the 65 slices. ``tile`` is the window side read from the fragment;
     ``crop`` (optional) is the centred square of the window fed to the model (192 for the irCSN models).
     The model's input is ``(B, z_stop - z_start, side, side)`` normalised float, its output ``(B, 1, side/32, side/32)``
-    logits, with ``side = crop or tile``.
+    logits, with ``side = crop or tile`` (the timesformer arch: ``(B, 1, 26, 64, 64)`` in, ``(B, 1, 4, 4)`` out).
     """
 
     name: str
@@ -51,6 +51,9 @@ class ModelSpec:
     dim: int | None = None  # 2.5d only: channels after the encoder's projection
     base_channels: int | None = None  # csn3d only: channels of the stem (stage i has base * 2**i planes)
     head_dim: int | None = None  # csn3d only: channels of the head's hidden 1x1 conv
+    with_norm: bool | None = (
+        None  # timesformer only: a BatchNorm3d on the input (the GP's option; False by default)
+    )
     file: str | None = None
     sha256: str | None = None
     size: int | None = None

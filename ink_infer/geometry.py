@@ -8,7 +8,7 @@ N_SLICES = 65  # surface volumes hold slices 00.tif .. 64.tif
 BLOCK = 32  # the reference cuts fragments into 32 x 32 blocks; window origins and strides live on this grid
 
 
-ARCHS = ("2.5d", "csn3d")
+ARCHS = ("2.5d", "csn3d", "timesformer")
 
 
 # Window-origin rows per streamed band at most: a power of two, so a multiple of every band's rows
@@ -31,3 +31,7 @@ WIDTH_ARCH = {"dim": "2.5d", "base_channels": "csn3d", "head_dim": "csn3d"}
 # Fixed point of the sums (engine.stitch): a probability p is summed as round(p * FIXED_SCALE), float32's own
 # resolution at 1, so sums are exact integers whatever order windows, ranges and devices add them in.
 FIXED_SCALE = 2**24
+
+# Manifest fields a timesformer entry may leave out: the Grand Prize model's layers 17..42 (26 frames, each its
+# own channel group) and its 64-px windows (its image_size; the only size it takes).
+ARCH_DEFAULTS = {"timesformer": {"z_range": (17, 43), "in_chans": 26, "tile": 64}}

@@ -3,10 +3,14 @@
 Schema (format 1)::
 
     {"format": 1, "name": str, "threshold": {"percentile": 0.93, "region": "covered"},
-     "models": [{"name", "arch": "2.5d" | "csn3d", "backbone" (2.5d), "depth" (csn3d), "in_chans",
+     "models": [{"name", "arch": "2.5d" | "csn3d" | "timesformer", "backbone" (2.5d), "depth" (csn3d), "in_chans",
                  "num_3d_layer" (2.5d), "z_range": [start, stop), "tile", "crop" (optional), "file", "sha256",
                  "size" (optional), "stage_blocks" (optional, csn3d), "weight",
-                 widths of small models (optional): "dim" (2.5d), "base_channels" and "head_dim" (csn3d)}]}
+                 widths of small models (optional): "dim" (2.5d), "base_channels" and "head_dim" (csn3d),
+                 "with_norm" (optional, timesformer)}]}
+
+A timesformer entry (the Grand Prize model) may leave out ``z_range`` ([17, 43)), ``tile`` (64, the only size it
+takes) and ``in_chans`` (its frame count: z_range's length); ``with_norm`` defaults to false.
 
 Manifest order is priority order: when the time budget runs short, later models are the ones skipped.
 
@@ -14,6 +18,8 @@ The package ships the 18 reference entries (``PACKAGED_MANIFEST``, hashes unknow
 ``--manifest FILE``, else ``weights_manifest.json`` beside the weights (``--weights DIR``) when there is one, else
 the packaged one (``default_manifest``). ``python -m ink_infer.manifest hash --weights DIR`` records the size and
 sha256 of every weight file present under DIR into DIR/weights_manifest.json, which runs then pick up.
+``python -m ink_infer.manifest convert --trust FILE --sha256 HEX`` turns a checkpoint that cannot be read safely
+(a Lightning file that pickles its optimizer) into a safetensors file, unpickling it in a child process only.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 
 from ink_infer.config import ModelSpec, ThresholdSpec
 from ink_infer.errors import UserError
-from ink_infer.geometry import N_SLICES, WIDTH_ARCH
+from ink_infer.geometry import ARCH_DEFAULTS, N_SLICES, WIDTH_ARCH
 from ink_infer.outputs.atomic import atomic_write_text
 from ink_infer.schema import MODEL_FIELDS, NULLABLE_MODEL_KEYS, THRESHOLD_FIELDS, Invalid, check_field
 
@@ -42,6 +48,7 @@ OPTIONAL_MODEL_KEYS = {
     "size",
     "stage_blocks",
     "weight",
+    "with_norm",
     *WIDTH_ARCH,
 }
 HASH_CHUNK = 1 << 20
@@ -112,8 +119,9 @@ def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
         raise UserError(f"{where}: expected an object")
     if isinstance(e.get("name"), str) and e["name"].strip():
         where = f"{path}: model {e['name']!r}"
+    defaults = ARCH_DEFAULTS.get(e["arch"], {}) if isinstance(e.get("arch"), str) else {}
     unknown = set(e) - REQUIRED_MODEL_KEYS - OPTIONAL_MODEL_KEYS
-    missing = REQUIRED_MODEL_KEYS - set(e)
+    missing = REQUIRED_MODEL_KEYS - set(e) - set(defaults)
     if unknown or missing:
         raise UserError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     v: dict = {}
@@ -125,6 +133,8 @@ def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
             v[key] = check_field(MODEL_FIELDS[key], value, where, key)
         except Invalid as err:
             raise UserError(str(err)) from None
+    if defaults:
+        _fill_defaults(where, v, defaults, in_chans_given="in_chans" in e)
     arch, z, tile, crop, in_chans = v["arch"], v["z_range"], v["tile"], v.get("crop"), v["in_chans"]
     if not 0 <= z[0] < z[1] <= N_SLICES:
         raise UserError(f"{where}: z_range {list(z)} outside the volume's {N_SLICES} slices (or empty)")
@@ -139,7 +149,7 @@ def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
     if arch == "csn3d" and v.get("depth") is None and v.get("stage_blocks") is None:
         raise UserError(f"{where}: a csn3d model needs 'depth' (50 or 152) or 'stage_blocks'")
     for key, key_arch in {**WIDTH_ARCH, "backbone": "2.5d", "num_3d_layer": "2.5d", "depth": "csn3d",
-                          "stage_blocks": "csn3d"}.items():  # fmt: skip
+                          "stage_blocks": "csn3d", "with_norm": "timesformer"}.items():  # fmt: skip
         if v.get(key) is not None and key_arch != arch:
             raise UserError(f"{where}: {key!r} applies to {key_arch} models only, this one is {arch}")
     if v["file"] is not None:
@@ -160,7 +170,28 @@ def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
         sha256=v["sha256"],
         size=v.get("size"),
         weight=v.get("weight", 1.0),
+        with_norm=v.get("with_norm"),
     )
+
+
+def _fill_defaults(where: str, v: dict, defaults: dict, *, in_chans_given: bool) -> None:
+    """A timesformer entry's absent fields from ``ARCH_DEFAULTS``, and what its one configuration allows: 64-px
+    windows, no crop, one channel per frame (``in_chans`` = z_range's length), ``with_norm`` false if absent."""
+    for key, value in defaults.items():
+        if v.get(key) is None:
+            v[key] = value
+    z = v["z_range"]
+    if not in_chans_given:
+        v["in_chans"] = z[1] - z[0]
+    if v["tile"] != defaults["tile"] or v.get("crop") is not None:
+        raise UserError(f"{where}: a {v['arch']} model takes {defaults['tile']}-px windows: tile 64, no crop")
+    if v["in_chans"] != z[1] - z[0]:
+        raise UserError(
+            f"{where}: in_chans {v['in_chans']!r}, a {v['arch']} model takes one frame per slice: "
+            f"{z[1] - z[0]} (z_range {list(z)})"
+        )
+    if v.get("with_norm") is None:
+        v["with_norm"] = False
 
 
 def _check_relative(where: str, file: object) -> None:
@@ -264,9 +295,45 @@ example:
 """
 
 
+CONVERT_HELP = """\
+Convert a checkpoint that cannot be read safely (weights_only=True refuses it: the Grand Prize's Lightning file
+pickles its optimizer) into a safetensors file that runs read without pickle. The checkpoint IS unpickled, which can
+run code: only for a file you trust, named by its sha256 (`sha256sum FILE`), and in a separate process.
+
+exit status: 0 converted; 2 refused (no or wrong --sha256) or failed.
+
+example:
+  python -m ink_infer.manifest convert --trust timesformer_weights.ckpt --sha256 <64 hex digits>
+"""
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="a checkpoint you trust, to safetensors", description=CONVERT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    c.add_argument("--trust", type=Path, required=True, metavar="FILE", help="the checkpoint to convert")
+    c.add_argument("--sha256", default=None, metavar="HEX", help="FILE's sha256 (required)")
+    c.add_argument("--out", type=Path, default=None, metavar="OUT",
+                   help="the safetensors file to write (default: FILE with the suffix .safetensors)")  # fmt: skip
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from ink_infer.models.convert import convert  # torch, only for this command
+
+    try:
+        out, n, digest = convert(args.trust, args.sha256, args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{out}: {n} tensors from {args.trust}; sha256 {digest}, {out.stat().st_size} bytes (for the manifest)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ink_infer.manifest", description="weights_manifest.json tools: hash the weight files"
+        prog="python -m ink_infer.manifest",
+        description="weights_manifest.json tools: hash the weight files, convert a trusted checkpoint",
     )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     h = sub.add_parser(
@@ -281,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--out", type=Path, default=None, metavar="FILE",
                    help="where the filled-in manifest goes (default: --manifest itself when given, else "
                         "DIR/weights_manifest.json)")  # fmt: skip
+    _add_convert(sub)
     args = parser.parse_args(argv)
+    if args.cmd == "convert":
+        return _run_convert(args)
     try:
         if not args.weights.is_dir():
             raise UserError(f"{args.weights}: --weights is not a folder")

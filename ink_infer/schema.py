@@ -121,7 +121,18 @@ def _bounds(lo: float | None, hi: float | None, *, lo_open: bool) -> str:
     return (" " + " and ".join(parts)) if parts else ""
 
 
-Rule = Int | Real | Text | IntList
+@dataclass(frozen=True)
+class Bool:
+    def expected(self) -> str:
+        return "true or false"
+
+    def check(self, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise Invalid(self.expected())
+        return value
+
+
+Rule = Int | Real | Text | IntList | Bool
 
 # Every key of a manifest model entry. ``None`` is allowed for the keys in NULLABLE_MODEL_KEYS (an optional key
 # given as null means absent; "file" and "sha256" null mean "no file" / "not hashed yet").
@@ -139,13 +150,14 @@ MODEL_FIELDS: dict[str, Rule] = {
     "dim": Int(lo=1, hi=8192),
     "base_channels": Int(lo=1, hi=1024),
     "head_dim": Int(lo=1, hi=8192),
+    "with_norm": Bool(),
     "file": Text(what="a path under --weights"),
     "sha256": Text(pattern=_HEX64, what="64 hex digits"),
     "size": Int(lo=1),
     "weight": Real(lo=0.0, lo_open=True),
 }
 NULLABLE_MODEL_KEYS = {"crop", "backbone", "depth", "stage_blocks", "dim", "base_channels", "head_dim", "file",
-                       "sha256", "size"}  # fmt: skip
+                       "sha256", "size", "with_norm"}  # fmt: skip
 
 THRESHOLD_REGIONS = ("covered", "mask")  # the pixels the threshold's quantile is taken over
 THRESHOLD_FIELDS: dict[str, Rule] = {

@@ -130,7 +130,7 @@ def test_build_model_rejects_bad_specs() -> None:
         build_model(bad_backbone)
     with pytest.raises(UserError, match="arch"):
         build_model(ModelSpec("m", "vit", 1, (0, 8)))
-    assert set(BUILDERS) == {"2.5d", "csn3d"}
+    assert set(BUILDERS) == {"2.5d", "csn3d", "timesformer"}
 
 
 def test_csn3d_stage_blocks_keep_key_layout() -> None:

@@ -1,7 +1,8 @@
 """The model registry: ``build_model(spec)`` over one builder per architecture (``spec.arch``).
 
 Every model takes ``(B, spec.n_slices, spec.side, spec.side)`` normalised float input and returns
-``(B, 1, spec.side // 32, spec.side // 32)`` logits. Always built with ``pretrained=False``: weights come from
+``(B, 1, spec.side // 32, spec.side // 32)`` logits (the timesformer arch: ``(B, 1, n_slices, 64, 64)`` in,
+``(B, 1, 4, 4)`` out). Always built with ``pretrained=False``: weights come from
 the user's files (see ``checkpoint.py``). Slicing to ``spec.z_range``, cropping to ``spec.side`` and
 normalisation (``engine.windows``) are the caller's job (the pipeline does them on the device, once per batch).
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 BUILDERS: dict[str, str] = {
     "2.5d": "ink_infer.models.inkdet25d:from_spec",
     "csn3d": "ink_infer.models.csn3d:from_spec",
+    "timesformer": "ink_infer.models.timesformer:from_spec",  # the Grand Prize model; needs the timesformer extra
 }
 
 

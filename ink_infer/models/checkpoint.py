@@ -4,7 +4,9 @@ Accepted layouts (``.ckpt`` / ``.pt`` / ``.pth`` alike, the suffix is not truste
 
 * the team's PyTorch-Lightning file: ``{"state_dict": {"model.<key>": ..., "model_ema.module.<key>": ...},
   "hyper_parameters": {...}, ...}``; the EMA copy is what the reference predicts with, so it wins when present;
-* a bare state dict ``{"<key>": tensor}``.
+* a bare state dict ``{"<key>": tensor}``;
+* a safetensors file (recognised by its content), read without pickle; for the timesformer arch its keys may be
+  spelled as Hugging Face's release is assumed to (``gp_checkpoint.py``).
 
 Files are size + sha256 checked against the manifest before anything is unpickled, and unpickled with
 ``weights_only=True`` only, so a file cannot run code. Every problem is a one-line ``UserError`` naming the file.
@@ -25,11 +27,18 @@ from ink_infer.config import ModelSpec
 from ink_infer.errors import UserError
 from ink_infer.geometry import N_SLICES, WIDTH_ARCH, WIDTH_DEFAULTS
 from ink_infer.manifest import verify_file
+from ink_infer.models.gp_checkpoint import (
+    check_gp_hyper_parameters,
+    gp_keys,
+    is_safetensors,
+    read_safetensors,
+)
 from ink_infer.outputs.atomic import atomic_torch_save
 
 EMA_PREFIX = "model_ema.module."
 MODEL_PREFIX = "model."
 MAX_LISTED = 4  # keys quoted in a mismatch message, so it stays one readable line
+CONVERT = "python -m ink_infer.manifest convert --trust {path} --sha256 <its sha256>"
 
 
 def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> dict[str, Any]:
@@ -43,8 +52,7 @@ def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> dict[str, Any
         digest = verify_file(spec, path)
     except OSError as e:
         raise UserError(f"{path}: cannot read weights ({e.strerror or e})") from None
-    obj = _safe_load(path)
-    state, prefix, hparams = _extract_state_dict(obj, path)
+    state, prefix, hparams = _read_state(path, spec, shapes_only=False)
     if hparams is not None:
         check_hyper_parameters(hparams, spec, path)
     _check_keys(state_shapes(model), state, path)
@@ -66,8 +74,7 @@ def check_checkpoint(path: Path, spec: ModelSpec, expected: Mapping[str, tuple[i
     ``hyper_parameters`` are read: seconds for 18 checkpoints, and a truncated or mismatched file is refused at the
     start of a run instead of on its model's turn. Raises ``UserError`` naming the file.
     """
-    obj = _safe_load(path, mmap=True)
-    state, _, hparams = _extract_state_dict(obj, path)
+    state, _, hparams = _read_state(path, spec, shapes_only=True)
     if hparams is not None:
         check_hyper_parameters(hparams, spec, path)
     _check_keys(expected, state, path)
@@ -84,6 +91,18 @@ def expected_state(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of a model's state dict (works on the meta device, where building costs no memory)."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _read_state(
+    path: Path, spec: ModelSpec, *, shapes_only: bool
+) -> tuple[dict[str, Tensor], str, dict[str, Any] | None]:
+    """(state dict, prefix it was taken from, hyper_parameters or None) of a torch or safetensors file.
+
+    ``shapes_only``: enough to check keys and shapes (torch files memory-mapped, safetensors' header alone)."""
+    if is_safetensors(path):
+        state, prefix, hparams = _extract_state_dict(read_safetensors(path, shapes_only=shapes_only), path)
+        return (gp_keys(state) if spec.arch == "timesformer" else state), prefix, hparams
+    return _extract_state_dict(_safe_load(path, mmap=shapes_only), path)
 
 
 def _safe_load(path: Path, *, mmap: bool = False) -> Any:
@@ -109,7 +128,8 @@ def _safe_load(path: Path, *, mmap: bool = False) -> Any:
         unsafe = _unsafe_globals(path)
         why = f"it references {', '.join(unsafe)}" if unsafe else _one_line(e)
         raise UserError(
-            f"{path}: refused to unpickle, not plain tensors (weights_only=True): {why}"
+            f"{path}: refused to unpickle, not plain tensors (weights_only=True): {why}; if you trust the file, "
+            f"convert it once to safetensors: {CONVERT.format(path=path)}"
         ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, IndexError, KeyError) as e:
         # torch reports truncated zips and non-torch files as RuntimeError / EOFError / ValueError, and a text
@@ -195,6 +215,9 @@ def z_range_of(start_z: int | None, end_z: int | None) -> tuple[int, int]:
 
 def check_hyper_parameters(hp: Mapping[str, Any], spec: ModelSpec, path: Path) -> None:
     """The checkpoint's saved hyper-parameters must describe the model the manifest asks for."""
+    if spec.arch == "timesformer":
+        check_gp_hyper_parameters(hp, spec, path)
+        return
     expected: dict[str, Any] = {"in_chans": spec.in_chans}
     if spec.arch == "2.5d":
         expected |= {"model_name": spec.backbone, "num_3d_layer": spec.num_3d_layer}
@@ -250,6 +273,10 @@ def _as_int(value: Any, field: str, path: Path) -> int:
 
 def hyper_parameters_for(spec: ModelSpec) -> dict[str, Any]:
     """Reference-style ``hyper_parameters`` for ``spec`` (plain Python types, ``end_z`` negative like the team's)."""
+    if (
+        spec.arch == "timesformer"
+    ):  # the GP's own (its pred_shape, a validation fragment's shape, says nothing)
+        return {"size": 64, "with_norm": bool(spec.with_norm)}
     start, stop = spec.z_range
     end_z = stop - N_SLICES if stop < N_SLICES else N_SLICES  # -0 would select nothing
     hp: dict[str, Any] = {"in_chans": spec.in_chans, "start_z": start, "end_z": end_z, "drop_path_rate": 0.2}
