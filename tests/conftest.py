@@ -23,7 +23,7 @@ from ink_infer.models.checkpoint import hyper_parameters_for, save_checkpoint
 from ink_infer.run import model_run
 from ink_infer.synthetic.fragments import write_dataset
 from tests.helpers import SHAPES, SMALL_MODELS, run_cli
-from tests.standins import Standin
+from tests.standins import GPStandin, Standin
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -42,7 +42,7 @@ def standins(monkeypatch) -> dict[str, dict]:
     the models the run computes with (``model_run.build_model``) and those the start checks checkpoints against
     (the registry, ``models.build_model``: a stand-in's checkpoint holds its ``gain``)."""
     faults: dict[str, dict] = {}
-    build = lambda spec: Standin(**faults.get(spec.name, {}))  # noqa: E731
+    build = lambda spec: GPStandin() if spec.arch == "timesformer" else Standin(**faults.get(spec.name, {}))  # noqa: E731
     monkeypatch.setattr(model_run, "build_model", build)
     monkeypatch.setattr(models, "build_model", build)
     return faults

@@ -204,14 +204,19 @@ def unit_sums(forward, volume, plan, block_rows: tuple[int, int], settings: GPSe
     return sums, n
 
 
-def gp_coverage(mask: np.ndarray) -> np.ndarray:
-    """``(ch, cw)`` int32 on the cover grid: 1 where a block holds mask pixels. The family's map is final where the
-    mask is (its windows lie wholly inside it), so as a sum over a count of 1 it merges and ensembles like any."""
+def gp_coverage(mask: np.ndarray, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """``(ch, cw)`` int32 on the cover grid: 1 where a block holds mask pixels (of a row range's own block rows
+    ``[r0, r1)`` only). The family's map is final where the mask is (its windows lie wholly inside it), so as a
+    sum over a count of 1 it merges and ensembles like any."""
     h, w = mask.shape
     ch, cw = -(-h // BLOCK), -(-w // BLOCK)
     grid = np.zeros((ch * BLOCK, cw * BLOCK), bool)
     grid[:h, :w] = mask
-    return grid.reshape(ch, BLOCK, cw, BLOCK).any(axis=(1, 3)).astype(np.int32)
+    found = grid.reshape(ch, BLOCK, cw, BLOCK).any(axis=(1, 3)).astype(np.int32)
+    if rows is not None:
+        found[: rows[0]] = 0
+        found[rows[1] :] = 0
+    return found
 
 
 def _emit(out: np.ndarray, top: int, rows: np.ndarray) -> None:

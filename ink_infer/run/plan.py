@@ -173,7 +173,7 @@ def model_count(plan: FragmentPlan, spec: ModelSpec) -> np.ndarray:
     partial blocks of the remainder rows and columns included, as the reference counted them); a family whose
     map is final where the mask is (the GP TimeSformer's): 1 on every block holding mask pixels."""
     if spec.arch == gp_family.ARCH:
-        return gp_family.gp_coverage(plan.mask)
+        return gp_family.gp_coverage(plan.mask, plan.rows)
     return spec_coverage(plan.origins, plan.shape, spec)
 
 

@@ -1,0 +1,105 @@
+"""Model families in one run (#26): a GP TimeSformer entry beside small 2nd-place entries in one manifest. Its map
+is the family's own (``models.gp_family``, checked against a direct call), it joins the weighted ensemble, and it
+resumes from partials, splits into row ranges and across ``--devices cpu,cpu`` workers with the same bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from ink_infer.models.gp_family import GPSettings, TorchForward, predict_gp
+from ink_infer.outputs.maps import quantised
+from ink_infer.submit import main
+from ink_infer.volumes.discovery import find_fragments
+from ink_infer.volumes.masks import load_mask
+from ink_infer.volumes.reader import open_volume
+from tests.helpers import SMALL_MODELS, report_of
+from tests.standins import GPStandin
+
+pytest.importorskip("timesformer_pytorch")
+
+GP_ENTRY = {"name": "gp", "arch": "timesformer", "file": None, "sha256": None, "weight": 2.0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two fragments with many GP windows wholly inside their masks; "b" tall enough to be cut into row ranges."""
+    from ink_infer.synthetic.fragments import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("fam"), test=[("b", 720, 260), ("a", 260, 300)], seed=6)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    m = json.loads(json.dumps(SMALL_MODELS))
+    m["models"].append(GP_ENTRY)
+    path = tmp_path_factory.mktemp("mixed") / "m.json"
+    path.write_text(json.dumps(m))
+    return path
+
+
+def argv(data: Path, out: Path, manifest: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--manifest", str(manifest), "--allow-random-weights",
+            "--stride", "64", "--quiet", "--no-previews", "--save-probabilities", "--save-model-maps", *extra]  # fmt: skip
+
+
+def maps(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "probabilities").glob("*.tif"))}
+
+
+def test_a_mixed_ensemble_runs_each_family_its_own_way(data, mixed, tmp_path, standins):
+    """The GP entry's map is predict_gp's on the same volume and mask; the ensemble is the weighted mean of the three
+    maps (weights 1, 1, 2); the report counts the GP windows, not the 2nd place's."""
+    out = tmp_path / "out"
+    assert main(argv(data, out, mixed)) == 0
+    rep = report_of(out)
+    assert [m["name"] for m in rep["models"]] == ["m25d", "m3d", "gp"] and all(
+        m["status"] == "ok" for m in rep["models"]
+    )
+    fragment = find_fragments(data)[0][0]
+    with open_volume(fragment) as volume:
+        mask, _ = load_mask(fragment, (volume.height, volume.width))
+        direct, windows = predict_gp(TorchForward(GPStandin().eval()), volume, mask, GPSettings())
+    gp_map = tifffile.imread(out / "probabilities" / f"{fragment.id}.gp.tif")
+    fixed = (np.rint(direct.astype(np.float64) * 2**24) / 2**24).astype(np.float32)  # the sums' fixed point
+    np.testing.assert_array_equal(gp_map, quantised(fixed))
+    assert rep["models"][2]["fragments"][fragment.id]["windows"] == windows > 20 and direct.any()
+    parts = [tifffile.imread(out / "probabilities" / f"{fragment.id}.{n}.tif").astype(float) / 255
+             for n in ("m25d", "m3d", "gp")]  # fmt: skip
+    ensemble = tifffile.imread(out / "probabilities" / f"{fragment.id}.tif").astype(float) / 255
+    want = (parts[0] + parts[1] + 2 * parts[2]) / 4
+    assert np.abs(ensemble - want).max() <= 2.5 / 255  # each map rounded to 1/255 once more
+
+
+def test_resume_and_row_ranges_give_the_same_bytes(data, mixed, tmp_path, standins):
+    """A rerun reuses every unit, the GP's included, byte for byte; the fragments cut into row ranges
+    (``--unit-windows 2``) give the very bytes of whole units."""
+    out = tmp_path / "out"
+    assert main(argv(data, out, mixed)) == 0
+    first = maps(out)
+    assert main(argv(data, out, mixed)) == 0
+    rep = report_of(out)
+    assert {m for m, _ in rep["partials"]["reused"]} == {"m25d", "m3d", "gp"}
+    assert maps(out) == first
+    ranges = tmp_path / "ranges"
+    assert main(argv(data, ranges, mixed, "--unit-windows", "2")) == 0
+    units = report_of(ranges)["models"][2]["fragments"]
+    assert sum(u.startswith("b@") for u in units) >= 2  # really cut into ranges
+    assert maps(ranges) == first
+
+
+def test_the_real_gp_model_across_two_device_workers(tmp_path, mixed):
+    """The real TimeSformer (random weights) and the real small 2nd-place models, without stand-ins: two spawned
+    ``--devices cpu,cpu`` workers give the bytes of one process."""
+    from ink_infer.synthetic.fragments import write_dataset
+
+    frags = write_dataset(tmp_path / "d", test=[("a", 170, 200)], seed=3)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(argv(frags, one, mixed)) == 0
+    assert main(argv(frags, two, mixed, "--devices", "cpu,cpu")) == 0
+    assert maps(one) == maps(two) and len(maps(one)) == 4
+    assert report_of(one)["models"][2]["fragments"]["a"]["windows"] > 0
