@@ -103,3 +103,22 @@ def test_the_real_gp_model_across_two_device_workers(tmp_path, mixed):
     assert main(argv(frags, two, mixed, "--devices", "cpu,cpu")) == 0
     assert maps(one) == maps(two) and len(maps(one)) == 4
     assert report_of(one)["models"][2]["fragments"]["a"]["windows"] > 0
+
+
+def test_a_reversed_segment_reads_the_gp_layers_reversed_in_place(tmp_path, mixed, standins):
+    """``--direction reverse``: the GP entry reads files 42, 41, .., 17 (the GP script reverses its 26 selected
+    layers in place), not 17..42 of the reversed stack (files 47..22); the map is predict_gp's with reverse."""
+    from ink_infer.synthetic.fragments import write_segment
+    from ink_infer.volumes.fragment import Fragment
+
+    seg = write_segment(tmp_path / "segs", "s1", shape=(200, 240), seed=8)
+    out = tmp_path / "out"
+    assert main(argv(seg, out, mixed, "--direction", "reverse")) == 0
+    forward = Fragment("s1", seg, layout="segment", layers=tuple(range(65)))
+    with open_volume(forward) as volume:
+        mask, _ = load_mask(forward, (volume.height, volume.width))
+        want, n = predict_gp(TorchForward(GPStandin().eval()), volume, mask, GPSettings(reverse=True))
+        ahead, _ = predict_gp(TorchForward(GPStandin().eval()), volume, mask)
+    assert n > 0 and not np.array_equal(quantised(want), quantised(ahead))  # the order shows in this stand-in
+    fixed = (np.rint(want.astype(np.float64) * 2**24) / 2**24).astype(np.float32)
+    np.testing.assert_array_equal(tifffile.imread(out / "probabilities" / "s1.gp.tif"), quantised(fixed))

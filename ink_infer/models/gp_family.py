@@ -49,6 +49,7 @@ class GPSettings:
     divisor: float = DIVISOR
     any_overlap: bool = False
     reverse: bool = False  # the 26 layers in reverse order (the GP script's reversed segments)
+    z_range: tuple[int, int] = Z_RANGE  # which of the 65 picked layers (a stack picked reversed: mirrored)
 
 
 def gkern(size: int = TILE, nsig: float = 1.0) -> np.ndarray:
@@ -91,9 +92,18 @@ def kept_origins(mask: np.ndarray, settings: GPSettings = GPSettings()) -> np.nd
     return np.stack([y0[keep], x0[keep]], axis=1).astype(np.int64)
 
 
+def settings_for(z_range: tuple[int, int], layers_reversed: bool) -> GPSettings:
+    """A run's settings for a manifest entry's ``z_range`` over a fragment whose 65 picked layers may run reversed
+    (``--direction reverse``): the GP script reverses its 26 selected layers in place, which on the reversed pick
+    are the mirrored range, read in order (files 42, 41, .., 17 of a 65-layer stack)."""
+    if layers_reversed:
+        return GPSettings(z_range=(N_SLICES - z_range[1], N_SLICES - z_range[0]))
+    return GPSettings(z_range=z_range)
+
+
 def layer_indices(settings: GPSettings) -> list[int]:
     """The indices into the 65 picked layers the model reads, in its frame order (reversed in place on request)."""
-    picked = list(range(*Z_RANGE))
+    picked = list(range(*settings.z_range))
     return picked[::-1] if settings.reverse else picked
 
 

@@ -82,7 +82,7 @@ def _gp_unit(unit: Unit, volume, pass_: UnitPass, on_batch) -> tuple[np.ndarray,
     fixed-point sums on the unit's block rows as any unit (a dry run: a spread sample of its windows)."""
     options, device = pass_.ctx.options, pass_.ctx.runtime.device
     forward = gp_family.TorchForward(pass_.model, device)
-    settings = gp_family.GPSettings(reverse=unit.fragment.fragment.direction == "reverse")
+    settings = gp_family.settings_for(unit.model.z_range, unit.fragment.fragment.direction == "reverse")
     t0 = time.perf_counter()
     sums, n = gp_family.unit_sums(
         forward, volume, unit.fragment, unit.block_rows(), settings, batch_size=pass_.batch_size,
