@@ -56,6 +56,9 @@ HASH_CHUNK = 1 << 20
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_MANIFEST = PACKAGE_DIR / "demo" / "demo_manifest.json"
 PACKAGED_MANIFEST = PACKAGE_DIR / "weights_manifest.json"  # the 18 reference models, fold0 and fold1
+GP_MANIFEST = PACKAGE_DIR / "gp_timesformer.json"  # the 2023 Grand Prize TimeSformer, one entry
+# --manifest by name: the packaged manifests
+PACKAGED = {"2nd-place": PACKAGED_MANIFEST, "gp": GP_MANIFEST}
 MANIFEST_NAME = "weights_manifest.json"
 
 

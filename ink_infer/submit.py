@@ -34,7 +34,7 @@ from ink_infer.config import (
     RunConfig,
 )
 from ink_infer.errors import DeviceError, ModelRunError, UserError
-from ink_infer.manifest import DEMO_MANIFEST, default_manifest
+from ink_infer.manifest import DEMO_MANIFEST, PACKAGED, default_manifest
 from ink_infer.outputs.summary import TABLE, format_table, format_verdicts, table_rows
 from ink_infer.run.preflight import check_inputs
 from ink_infer.schema import THRESHOLD_REGIONS, cli_type
@@ -139,8 +139,9 @@ def _where_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, default=None, metavar="DIR",
                    help="the folder holding the manifest's weight files (<config>/fold{0,1}/best_fbeta.ckpt)")  # fmt: skip
     p.add_argument("--manifest", type=Path, default=None, metavar="FILE",
-                   help="the models to run (default: DIR/weights_manifest.json of --weights if there, else the "
-                        "packaged 18-model manifest)")  # fmt: skip
+                   help="the models to run, or a packaged manifest by name: 2nd-place (the 18 models) or gp (the "
+                        "Grand Prize TimeSformer) (default: DIR/weights_manifest.json of --weights if there, else "
+                        "2nd-place)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                    help="where submission.csv, report.json and previews/ go")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -288,7 +289,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         weights = weights or DEMO_MANIFEST.parent  # the trained demo checkpoints ship inside the package
     if data is None:
         raise UserError("--data DIR is required (or --demo)")
-    manifest = manifest or default_manifest(weights)
+    manifest = PACKAGED.get(str(manifest), manifest) or default_manifest(weights)
     partials = args.partials or (kaggle_partials() if on_kaggle() else None)
     keep = args.keep_partials if args.keep_partials is not None else not on_kaggle()
     absolute = lambda p: None if p is None else Path(p).absolute()  # noqa: E731

@@ -122,3 +122,22 @@ def test_a_reversed_segment_reads_the_gp_layers_reversed_in_place(tmp_path, mixe
     assert n > 0 and not np.array_equal(quantised(want), quantised(ahead))  # the order shows in this stand-in
     fixed = (np.rint(want.astype(np.float64) * 2**24) / 2**24).astype(np.float32)
     np.testing.assert_array_equal(tifffile.imread(out / "probabilities" / "s1.gp.tif"), quantised(fixed))
+
+
+def test_the_packaged_gp_manifest_by_name(tmp_path):
+    """``--manifest gp``: the packaged one-entry manifest (the GP release's file name, no hash); its weights looked
+    for under --weights (missing: named); a dry run with random weights samples the real model's windows."""
+    from ink_infer.synthetic.fragments import write_segment
+
+    seg = write_segment(tmp_path / "segs", "s1", shape=(200, 240), seed=8)
+    out = tmp_path / "out"
+    base = ["--data", str(seg), "--out", str(out), "--manifest", "gp", "--quiet", "--device", "cpu"]
+    assert (
+        main([*base, "--weights", str(tmp_path)]) == 2
+    )  # timesformer_GP_scroll1/model.safetensors is not there
+    assert main([*base, "--allow-random-weights", "--dry-run", "--max-windows", "3"]) == 0
+    rep = report_of(out)
+    assert rep["manifest"].endswith("gp_timesformer.json")
+    (model,) = rep["models"]
+    assert model["name"] == "timesformer_GP_scroll1" and model["status"] == "ok"
+    assert model["fragments"]["s1"]["windows"] == 3

@@ -107,10 +107,15 @@ def layer_indices(settings: GPSettings) -> list[int]:
     return picked[::-1] if settings.reverse else picked
 
 
+def to_eight(raw: np.ndarray) -> np.ndarray:
+    """uint16 layers (ink_infer's volumes) -> the GP script's 8-bit values: ``min(v >> 8, 200)`` as uint8."""
+    return np.minimum(raw >> 8, CLIP).astype(np.uint8)
+
+
 def to_input(raw: np.ndarray, divisor: float = DIVISOR) -> np.ndarray:
-    """uint16 layers (ink_infer's volumes) -> the model's float32: ``min(v >> 8, 200) * float32(1 / divisor)``."""
-    eight = np.minimum(raw >> 8, CLIP).astype(np.float32)
-    return eight * np.float32(1.0 / divisor)
+    """uint16 layers -> the model's float32: ``min(v >> 8, 200) * float32(1 / divisor)`` (``TorchForward`` does the
+    multiply on the device, from the uint8 tiles: the same IEEE products)."""
+    return to_eight(raw).astype(np.float32) * np.float32(1.0 / divisor)
 
 
 class BandSums:
@@ -156,8 +161,8 @@ def predict_gp(
     """``(the family's probability map, windows run)`` of ``volume`` (``read_band``, ``height``, ``width``) under
     ``mask`` (``(H, W)`` bool; None: no mask file): ``(H, W)`` float32, or rows ``[y0, y1)`` of it (``rows``: a
     row-range unit; only the windows that reach them run), or the whole padded plane (``padded``: what ``gp_png``
-    divides by its max). ``forward``: ``(B, 1, 26, 64, 64)`` float32 -> ``(B, 64, 64)`` probabilities
-    (``TorchForward``). ``sample``: only that many windows, spread over the plane (a dry run's timing)."""
+    divides by its max). ``forward(tiles, divisor)``: ``(B, 1, 26, 64, 64)`` uint8 -> ``(B, 64, 64)``
+    probabilities (``TorchForward``). ``sample``: only that many windows, spread over the plane (a dry run's timing)."""
     h, w = volume.height, volume.width
     plane = padded_mask(mask, h, w)
     origins = kept_origins(plane, settings)
@@ -172,15 +177,14 @@ def predict_gp(
     sums = BandSums(pw)
     sums.top = int(origins[0, 0]) if len(origins) else y0
     out = np.zeros((y1 - y0, pw if padded else w), np.float32)
+    slab = _Slab(volume, lo, hi, order, pw)
     for y in (int(v) for v in np.unique(origins[:, 0])):
         _emit(out, sums.top - y0, sums.flush(y))
-        band = np.zeros((hi - lo, TILE, pw), np.uint16)
-        band[:, :, :w] = volume.read_band(y, y + TILE, lo, hi)
-        stack = to_input(band[order], settings.divisor)
+        stack = slab.rows(y)
         xs = origins[origins[:, 0] == y, 1]
         for k in range(0, len(xs), batch_size):
             part = xs[k : k + batch_size]
-            probs = forward(np.stack([stack[:, :, x : x + TILE] for x in part])[:, None])
+            probs = forward(np.stack([stack[:, :, x : x + TILE] for x in part])[:, None], settings.divisor)
             sums.add(y, part, probs.astype(np.float64) * kernel, settings.stride)
     _emit(out, sums.top - y0, sums.flush(max(y1, sums.top)))
     return out, len(origins)
@@ -229,6 +233,23 @@ def gp_coverage(mask: np.ndarray, rows: tuple[int, int] | None = None) -> np.nda
     return found
 
 
+class _Slab:
+    """The 8-bit layers of rows ``[y, y + 64)`` of the padded plane, for origin rows in increasing order: the rows
+    two windows' rows share (43 of 64 at stride 21) are kept, only the new ones read and converted."""
+
+    def __init__(self, volume, lo: int, hi: int, order: list[int], width: int) -> None:
+        self.volume, self.lo, self.hi, self.order, self.width = volume, lo, hi, order, width
+        self.top, self.held = 0, np.zeros((len(order), 0, width), np.uint8)
+
+    def rows(self, y: int) -> np.ndarray:
+        keep = self.held[:, y - self.top :] if y < self.top + self.held.shape[1] else self.held[:, :0]
+        start = y + keep.shape[1]
+        raw = np.zeros((self.hi - self.lo, y + TILE - start, self.width), np.uint16)
+        raw[:, :, : self.volume.width] = self.volume.read_band(start, y + TILE, self.lo, self.hi)
+        self.top, self.held = y, np.concatenate([keep, to_eight(raw[self.order])], axis=1)
+        return self.held
+
+
 def _emit(out: np.ndarray, top: int, rows: np.ndarray) -> None:
     """Final rows starting at row ``top`` of ``out`` (negative: above it) into ``out``; what lies outside dropped."""
     start, stop = max(top, 0), min(top + len(rows), out.shape[0])
@@ -244,11 +265,18 @@ class TorchForward:
     def __init__(self, model, device="cpu") -> None:
         self.model, self.device = model, device
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+    def __call__(self, tiles: np.ndarray, divisor: float = DIVISOR) -> np.ndarray:
+        """``(B, 1, 26, 64, 64)`` uint8 (``to_eight``) -> ``(B, 64, 64)`` float32 probabilities; the tiles cross to
+        the device as bytes and become ``v * float32(1 / divisor)`` there."""
         import torch
         import torch.nn.functional as F
 
-        x = torch.from_numpy(tiles).to(self.device)
+        scale = np.float32(1.0 / divisor)
+        # numpy turns bytes into floats several times faster than torch on the CPU
+        if torch.device(self.device).type == "cpu":
+            x = torch.from_numpy(tiles.astype(np.float32) * scale)
+        else:
+            x = torch.from_numpy(tiles).to(self.device).float() * torch.tensor(scale, device=self.device)
         with torch.no_grad(), torch.autocast("cuda", enabled=x.is_cuda):
             logits = self.model(x)
         probs = torch.sigmoid(logits.reshape(-1, 1, 4, 4)).float()
