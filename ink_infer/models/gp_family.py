@@ -112,10 +112,15 @@ def to_eight(raw: np.ndarray) -> np.ndarray:
     return np.minimum(raw >> 8, CLIP).astype(np.uint8)
 
 
+def scaled(eight: np.ndarray, divisor: float = DIVISOR) -> np.ndarray:
+    """8-bit values -> the model's float32: ``v * float32(1 / divisor)`` (albumentations' Normalize, mean 0, std 1)."""
+    return eight.astype(np.float32) * np.float32(1.0 / divisor)
+
+
 def to_input(raw: np.ndarray, divisor: float = DIVISOR) -> np.ndarray:
     """uint16 layers -> the model's float32: ``min(v >> 8, 200) * float32(1 / divisor)`` (``TorchForward`` does the
-    multiply on the device, from the uint8 tiles: the same IEEE products)."""
-    return to_eight(raw).astype(np.float32) * np.float32(1.0 / divisor)
+    multiply from the uint8 tiles, on the device on CUDA: the same IEEE products)."""
+    return scaled(to_eight(raw), divisor)
 
 
 class BandSums:
@@ -274,7 +279,7 @@ class TorchForward:
         scale = np.float32(1.0 / divisor)
         # numpy turns bytes into floats several times faster than torch on the CPU
         if torch.device(self.device).type == "cpu":
-            x = torch.from_numpy(tiles.astype(np.float32) * scale)
+            x = torch.from_numpy(scaled(tiles, divisor))
         else:
             x = torch.from_numpy(tiles).to(self.device).float() * torch.tensor(scale, device=self.device)
         with torch.no_grad(), torch.autocast("cuda", enabled=x.is_cuda):
@@ -292,6 +297,3 @@ def gp_png(padded_map: np.ndarray) -> np.ndarray:
     if top > 0:
         plane = plane / top
     return (plane * 255).astype(np.uint8)
-
-
-assert Z_RANGE[1] <= N_SLICES

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 from collections import Counter
 from pathlib import Path
@@ -77,18 +78,17 @@ def _remote_segments(remote: Remote, choice: LayerChoice, mask: Path | None) -> 
         raise UserError(f"--mask {mask}: for one scroll segment; {remote.url} holds {len(stores)}")
     found = []
     for store in stores:
-        local_mask = fetch_mask(store, mask)
-        array, layout = open_zarr_array(store, layer_axis=choice.axis, mask=local_mask)
-        name = url_name(store.url)
-
-        def segment(c: LayerChoice, n_layers=array.shape[layout.layer_axis], axis=layout.layer_axis, store=store,
-                    name=name, local_mask=local_mask) -> Fragment:  # fmt: skip
-            return Fragment(segment_id(Path(name)), Path(name), layout="zarr", layers=c.pick(n_layers, store.url),
-                            layer_axis=axis, mask=local_mask, remote=store,
-                            direction="reverse" if c.reverse else "forward")  # fmt: skip
-
-        found.extend(_directions(segment, choice))
+        found.extend(_directions(functools.partial(_remote_segment, store, fetch_mask(store, mask)), choice))
     return found
+
+
+def _remote_segment(store: Remote, mask: Path | None, choice: LayerChoice) -> Fragment:
+    """One remote store as ``choice`` reads it (opened once per run: ``zarr_open`` keeps it)."""
+    array, layout = open_zarr_array(store, layer_axis=choice.axis, mask=mask)
+    name = Path(url_name(store.url))
+    return Fragment(segment_id(name), name, layout="zarr", layers=choice.pick(array.shape[layout.layer_axis], store.url),
+                    layer_axis=layout.layer_axis, mask=mask, remote=store,
+                    direction="reverse" if choice.reverse else "forward")  # fmt: skip
 
 
 def _local_fragments(data: Path, split: str, choice: LayerChoice) -> tuple[list[Fragment], list[str]]:

@@ -157,17 +157,17 @@ class WireStats:
     def as_dict(self) -> dict:
         """The counts as report.json shows them (the missing chunks named, at most 20)."""
         return {"requests": self.requests, "bytes": self.bytes, "cache_hits": self.cache_hits,
-                "retries": self.retries, "missing": self.missing[:20]}  # fmt: skip
+                "retries": self.retries, "missing_chunks": len(self.missing), "missing": self.missing[:20]}  # fmt: skip
 
     def since(self, before: dict) -> dict:
         """What was fetched since ``before`` (an ``as_dict`` taken then)."""
         now = self.as_dict()
         with self._lock:
-            missing = self.missing[len(before["missing"]) :] if len(before["missing"]) < 20 else []
-        return {**{k: now[k] - before[k] for k in WIRE_COUNTS}, "missing": missing[:20]}
+            missing = self.missing[before["missing_chunks"] : before["missing_chunks"] + 20]
+        return {**{k: now[k] - before[k] for k in WIRE_COUNTS}, "missing": missing}
 
 
-WIRE_COUNTS = ("requests", "bytes", "cache_hits", "retries")
+WIRE_COUNTS = ("requests", "bytes", "cache_hits", "retries", "missing_chunks")
 
 
 def add_wire(*counts: dict | None) -> dict | None:
@@ -279,22 +279,17 @@ class ChunkCache:
             log.debug("%s: not cached (%s)", path, e)
             return
         with self._lock:
-            self._size = (self._size if self._size is not None else _tree_size(self.root)) + len(data)
+            self._size = (
+                self._size if self._size is not None else sum(size for _, size, _ in _cached_files(self.root))
+            ) + len(data)
             if self._size > self.limit:
                 self._size = self._evict()
 
     def _evict(self) -> int:
         """Delete the least recently used chunks until the cache holds at most 90 % of its limit; its new size."""
-        files = []
-        for folder, _, names in os.walk(self.root):
-            for name in names:
-                try:
-                    st = os.stat(os.path.join(folder, name))
-                except OSError:
-                    continue
-                files.append((st.st_mtime_ns, st.st_size, os.path.join(folder, name)))
+        files = sorted(_cached_files(self.root))
         total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
+        for _, size, path in files:
             if total <= self.limit * 0.9:
                 break
             try:
@@ -305,12 +300,13 @@ class ChunkCache:
         return total
 
 
-def _tree_size(root: Path) -> int:
-    total = 0
+def _cached_files(root: Path):
+    """``(mtime_ns, size, path)`` of every file under ``root`` (one evicted meanwhile by another process: left out)."""
     for folder, _, names in os.walk(root):
         for name in names:
+            path = os.path.join(folder, name)
             try:
-                total += os.stat(os.path.join(folder, name)).st_size
+                st = os.stat(path)
             except OSError:
-                pass
-    return total
+                continue
+            yield st.st_mtime_ns, st.st_size, path

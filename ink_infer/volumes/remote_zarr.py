@@ -30,12 +30,13 @@ MASK_CACHE = "masks"  # under the cache folder: masks fetched from beside remote
 
 
 class _Shared:
-    """What every copy of one ``FetchingStore`` shares (zarr makes copies of a store, e.g. read-only views): the
-    chunk cache once the store's version is known, and where it is, for messages."""
+    """What every copy of one ``FetchingStore`` shares (zarr makes copies of a store, e.g. read-only views): where
+    it is, its version once asked (``store_identity``) and its chunk cache."""
 
     def __init__(self, remote: Remote) -> None:
         self.remote, self.url = remote, remote.url
         self.cache: ChunkCache | None = None
+        self.identity: dict | None = None  # the store's version, asked of the server once
 
 
 def fetching_store(remote: Remote):
@@ -59,7 +60,10 @@ def fetching_store(remote: Remote):
             return prototype.buffer.from_bytes(_ranged(data, byte_range))
 
         async def _whole(self, key: str, prototype) -> bytes | None:
-            cache = None if key.rsplit("/", 1)[-1] in METADATA_KEYS else self.shared.cache
+            metadata = (
+                key.rsplit("/", 1)[-1] in METADATA_KEYS
+            )  # never cached: each run reads what is there now
+            cache = None if metadata else self.shared.cache
             if cache is not None:  # in a thread, as zarr reads local files: chunks are read side by side
                 data = await asyncio.to_thread(cache.read, key)
                 if data is not None:
@@ -69,7 +73,7 @@ def fetching_store(remote: Remote):
             buffer = await with_retries(lambda: self._store.get(key, prototype), where)
             WIRE.add(requests=1)
             if buffer is None:  # zarr probes for metadata that may be absent; a missing chunk reads as fill
-                if key.rsplit("/", 1)[-1] not in METADATA_KEYS:
+                if not metadata:
                     WIRE.note_missing(where)
                 return None
             data = buffer.to_bytes()
@@ -100,7 +104,9 @@ def _ranged(data: bytes, byte_range) -> bytes:
 
 def store_identity(store, array_path: str, metadata: dict) -> dict:
     """What identifies a remote store's version: its URL, the array's metadata, and what the server says of the
-    metadata object (ETag, last-modified, size), as far as it says anything."""
+    metadata object (ETag, last-modified, size), as far as it says anything. Asked once per store."""
+    if store.shared.identity is not None:
+        return store.shared.identity
     fs, root = filesystem(store.shared.remote)
     told = {}
     for name in (".zarray", "zarr.json"):  # the array's own metadata object
@@ -113,12 +119,15 @@ def store_identity(store, array_path: str, metadata: dict) -> dict:
                                                                        "size", "versionid")}  # fmt: skip
         told["object"] = name
         break
-    return {"url": store.shared.url, "array": array_path, "metadata_sha256": _sha(metadata), "server": told}
+    store.shared.identity = {"url": store.shared.url, "array": array_path, "metadata_sha256": _sha(metadata),
+                             "server": told}  # fmt: skip
+    return store.shared.identity
 
 
 def use_cache(store, remote: Remote, identity: dict) -> None:
-    """Chunks of this store version cached under ``remote.cache`` (none when ``remote.cache_bytes`` is 0)."""
-    if remote.cache and remote.cache_bytes > 0:
+    """Chunks of this store version cached under ``remote.cache`` (none when ``remote.cache_bytes`` is 0); once
+    per store (a store opened again in the run is the same one, its cache's size already known)."""
+    if remote.cache and remote.cache_bytes > 0 and store.shared.cache is None:
         store.shared.cache = ChunkCache(Path(remote.cache), _sha(identity)[:24], remote.cache_bytes)
 
 
