@@ -102,7 +102,7 @@ def gp_script_loop(model, seg: Path) -> tuple[np.ndarray, int]:
 
 
 def ours(model, seg: Path) -> tuple[np.ndarray, int]:
-    from ink_infer.models.gp_family import TorchForward, predict_gp
+    from ink_infer.models.gp_predict import TorchForward, predict_gp
     from ink_infer.volumes.fragment import Fragment
     from ink_infer.volumes.reader import open_volume
 

@@ -54,6 +54,13 @@ class ModelSpec:
     with_norm: bool | None = (
         None  # timesformer only: a BatchNorm3d on the input (the GP's option; False by default)
     )
+    # timesformer only: villa's variants of the GP script by name (models.gp_family.GPSettings); None: the GP's
+    stride: int | None = None  # window stride, px (GP 21; villa 32 or 16)
+    divisor: float | None = None  # 8-bit values over this (GP 255, the training scale; villa 200)
+    windows: str | None = None  # inside (GP): wholly inside the mask | any: touching it (villa V1)
+    blend: str | None = None  # gp: gkern(64, 1) / max | hann (villa V2) | gaussian (sigma px)
+    sigma: float | None = None  # blend gaussian: px (default 25.6, villa's 64 / 2.5)
+    count: str | None = None  # ones (GP): the count adds 1 per window | weights: the blend weight (villa)
     file: str | None = None
     sha256: str | None = None
     size: int | None = None

@@ -35,3 +35,8 @@ FIXED_SCALE = 2**24
 # Manifest fields a timesformer entry may leave out: the Grand Prize model's layers 17..42 (26 frames, each its
 # own channel group) and its 64-px windows (its image_size; the only size it takes).
 ARCH_DEFAULTS = {"timesformer": {"z_range": (17, 43), "in_chans": 26, "tile": 64}}
+
+# A timesformer entry's optional fields that pick villa's variants of the GP script by name (models.gp_family):
+# which windows are kept, the blending weight, what the count adds. Their absence is the GP script.
+GP_CHOICES = {"windows": ("inside", "any"), "blend": ("gp", "hann", "gaussian"), "count": ("ones", "weights")}
+GP_VARIANT_KEYS = ("stride", "divisor", *GP_CHOICES, "sigma")

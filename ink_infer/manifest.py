@@ -7,7 +7,9 @@ Schema (format 1)::
                  "num_3d_layer" (2.5d), "z_range": [start, stop), "tile", "crop" (optional), "file", "sha256",
                  "size" (optional), "stage_blocks" (optional, csn3d), "weight",
                  widths of small models (optional): "dim" (2.5d), "base_channels" and "head_dim" (csn3d),
-                 "with_norm" (optional, timesformer)}]}
+                 "with_norm" (optional, timesformer), villa's variants (optional, timesformer): "stride",
+                 "divisor", "windows": "inside" | "any", "blend": "gp" | "hann" | "gaussian", "sigma",
+                 "count": "ones" | "weights"}]}
 
 A timesformer entry (the Grand Prize model) may leave out ``z_range`` ([17, 43)), ``tile`` (64, the only size it
 takes) and ``in_chans`` (its frame count: z_range's length); ``with_norm`` defaults to false.
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from ink_infer.config import ModelSpec, ThresholdSpec
 from ink_infer.errors import UserError
-from ink_infer.geometry import ARCH_DEFAULTS, N_SLICES, WIDTH_ARCH
+from ink_infer.geometry import ARCH_DEFAULTS, GP_VARIANT_KEYS, N_SLICES, WIDTH_ARCH
 from ink_infer.outputs.atomic import atomic_write_text
 from ink_infer.schema import MODEL_FIELDS, NULLABLE_MODEL_KEYS, THRESHOLD_FIELDS, Invalid, check_field
 
@@ -50,6 +52,7 @@ OPTIONAL_MODEL_KEYS = {
     "weight",
     "with_norm",
     *WIDTH_ARCH,
+    *GP_VARIANT_KEYS,
 }
 HASH_CHUNK = 1 << 20
 
@@ -152,9 +155,14 @@ def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
     if arch == "csn3d" and v.get("depth") is None and v.get("stage_blocks") is None:
         raise UserError(f"{where}: a csn3d model needs 'depth' (50 or 152) or 'stage_blocks'")
     for key, key_arch in {**WIDTH_ARCH, "backbone": "2.5d", "num_3d_layer": "2.5d", "depth": "csn3d",
-                          "stage_blocks": "csn3d", "with_norm": "timesformer"}.items():  # fmt: skip
+                          "stage_blocks": "csn3d", "with_norm": "timesformer",
+                          **dict.fromkeys(GP_VARIANT_KEYS, "timesformer")}.items():  # fmt: skip
         if v.get(key) is not None and key_arch != arch:
             raise UserError(f"{where}: {key!r} applies to {key_arch} models only, this one is {arch}")
+    if v.get("sigma") is not None and v.get("blend") != "gaussian":
+        raise UserError(
+            f"{where}: 'sigma' applies to blend 'gaussian' only, this one is {v.get('blend') or 'gp'}"
+        )
     if v["file"] is not None:
         _check_relative(where, v["file"])
     return ModelSpec(
@@ -174,6 +182,7 @@ def _parse_entry(path: Path, index: int, e: object) -> ModelSpec:
         size=v.get("size"),
         weight=v.get("weight", 1.0),
         with_norm=v.get("with_norm"),
+        **{key: v.get(key) for key in GP_VARIANT_KEYS},
     )
 
 

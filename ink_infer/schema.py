@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ink_infer.geometry import ARCHS, BLOCK, N_SLICES
+from ink_infer.geometry import ARCHS, BLOCK, GP_CHOICES, GP_VARIANT_KEYS, N_SLICES
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -151,13 +151,17 @@ MODEL_FIELDS: dict[str, Rule] = {
     "base_channels": Int(lo=1, hi=1024),
     "head_dim": Int(lo=1, hi=8192),
     "with_norm": Bool(),
+    "stride": Int(lo=1, hi=64),
+    "divisor": Real(lo=0.0, lo_open=True),
+    **{key: Text(choices=choices) for key, choices in GP_CHOICES.items()},
+    "sigma": Real(lo=0.0, lo_open=True),
     "file": Text(what="a path under --weights"),
     "sha256": Text(pattern=_HEX64, what="64 hex digits"),
     "size": Int(lo=1),
     "weight": Real(lo=0.0, lo_open=True),
 }
 NULLABLE_MODEL_KEYS = {"crop", "backbone", "depth", "stage_blocks", "dim", "base_channels", "head_dim", "file",
-                       "sha256", "size", "with_norm"}  # fmt: skip
+                       "sha256", "size", "with_norm", *GP_VARIANT_KEYS}  # fmt: skip
 
 THRESHOLD_REGIONS = ("covered", "mask")  # the pixels the threshold's quantile is taken over
 THRESHOLD_FIELDS: dict[str, Rule] = {

@@ -15,16 +15,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import norm
 
-from ink_infer.models.gp_family import (
-    GPSettings,
-    TorchForward,
-    gkern,
-    gp_png,
-    kept_origins,
-    padded_mask,
-    predict_gp,
-    to_input,
-)
+from ink_infer.models.gp_family import GPSettings, gkern, gp_png, kept_origins, padded_mask, to_input
+from ink_infer.models.gp_predict import TorchForward, predict_gp
 from ink_infer.synthetic.fragments import write_segment
 from ink_infer.volumes.fragment import Fragment
 from ink_infer.volumes.reader import open_volume
@@ -55,8 +47,11 @@ def reference_kernel() -> np.ndarray:
     return k / k.max()
 
 
-def gp_loop(model, seg: Path, mask_png: Path | None, *, reverse: bool = False) -> np.ndarray:
-    """The GP script's predict_fn, naive: the whole padded stack, a per-window list, two float64 maps."""
+def gp_loop(model, seg: Path, mask_png: Path | None, *, reverse: bool = False, stride: int = 21, divisor: int = 255,
+            any_overlap: bool = False, weight: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """The GP script's predict_fn, naive: the whole padded stack, a per-window list, two float64 maps. villa's
+    variants: ``stride``, ``divisor``, windows kept when touching the mask (``any_overlap``), and a blend ``weight``
+    added to the count too (divided by the count clipped at 1e-6)."""
     layers = [cv2.imread(str(seg / "layers" / f"{i:02d}.tif"), 0) for i in range(17, 43)]
     h, w = layers[0].shape
     pad0, pad1 = 256 - h % 256, 256 - w % 256
@@ -68,22 +63,25 @@ def gp_loop(model, seg: Path, mask_png: Path | None, *, reverse: bool = False) -
     else:
         mask = np.pad(cv2.imread(str(mask_png), 0), [(0, pad0), (0, pad1)])
     tiles, xys = [], []
-    for y1 in range(0, stack.shape[0] - 64 + 1, 21):
-        for x1 in range(0, stack.shape[1] - 64 + 1, 21):
-            if not np.any(mask[y1 : y1 + 64, x1 : x1 + 64] == 0):
+    for y1 in range(0, stack.shape[0] - 64 + 1, stride):
+        for x1 in range(0, stack.shape[1] - 64 + 1, stride):
+            window = mask[y1 : y1 + 64, x1 : x1 + 64]
+            if np.any(window != 0) if any_overlap else not np.any(window == 0):
                 tiles.append(stack[y1 : y1 + 64, x1 : x1 + 64])
                 xys.append((x1, y1))
     pred = np.zeros(stack.shape[:2], np.float64)
     count = np.zeros(stack.shape[:2], np.float64)
-    kernel = reference_kernel()
+    kernel = reference_kernel() if weight is None else weight
     with torch.no_grad():
         for tile, (x1, y1) in zip(tiles, xys, strict=True):
-            x = torch.from_numpy(tile.astype(np.float32) * np.float32(1 / 255)).permute(2, 0, 1)[None, None]
+            x = torch.from_numpy(tile.astype(np.float32) * np.float32(1 / divisor)).permute(2, 0, 1)[
+                None, None
+            ]
             p = torch.sigmoid(model(x)).float()
             p = F.interpolate(p, scale_factor=16, mode="bilinear")[0, 0].numpy()
             pred[y1 : y1 + 64, x1 : x1 + 64] += p * kernel
-            count[y1 : y1 + 64, x1 : x1 + 64] += 1
-    pred /= np.clip(count, 1, None)
+            count[y1 : y1 + 64, x1 : x1 + 64] += 1 if weight is None else weight
+    pred /= np.clip(count, 1 if weight is None else 1e-6, None)
     return np.clip(np.nan_to_num(pred), 0, 1)
 
 
@@ -103,13 +101,52 @@ def model():
     return Wrapped()
 
 
-def run(model, seg: Path, *, mask: bool = True, reverse: bool = False, padded: bool = False) -> np.ndarray:
+def run(model, seg: Path, *, mask: bool = True, reverse: bool = False, padded: bool = False,
+        settings: GPSettings | None = None) -> np.ndarray:  # fmt: skip
     fragment = Fragment("s1", seg, layout="segment", layers=tuple(range(65)))
     own = cv2.imread(str(seg / "s1_mask.png"), 0) > 0 if mask else None
+    settings = settings or GPSettings(reverse=reverse)
     with open_volume(fragment) as volume:
-        found, _ = predict_gp(TorchForward(model), volume, own, GPSettings(reverse=reverse), batch_size=7,
-                              padded=padded)  # fmt: skip
+        found, _ = predict_gp(TorchForward(model), volume, own, settings, batch_size=7, padded=padded)
         return found
+
+
+def hann() -> np.ndarray:
+    """villa V2's blend weight, written out: the outer product of two Hann windows over its sum."""
+    w = np.outer(np.hanning(64), np.hanning(64))
+    return w / w.sum()
+
+
+def gaussian(sigma: float) -> np.ndarray:
+    """A Gaussian of ``sigma`` px centred on the tile (31.5, 31.5), over its sum (villa V1 with sigma 1)."""
+    yy, xx = np.mgrid[0:64, 0:64] - 31.5
+    w = np.exp(-(yy**2 + xx**2) / (2 * sigma**2))
+    return w / w.sum()
+
+
+VARIANTS = {
+    # villa V1's choices: stride 32, / 200, windows touching the mask, a 1-px Gaussian over a weighted count
+    "v1": (GPSettings(stride=32, divisor=200, windows="any", blend="gaussian", sigma=1.0, count="weights"),
+           {"stride": 32, "divisor": 200, "any_overlap": True, "weight": gaussian(1.0)}),
+    # villa V2's blend: Hann over a weighted count, stride 16, / 200
+    "v2-hann": (GPSettings(stride=16, divisor=200, blend="hann", count="weights"),
+                {"stride": 16, "divisor": 200, "weight": hann()}),
+    "gaussian-25.6": (GPSettings(blend="gaussian", count="weights"), {"weight": gaussian(25.6)}),
+    "any-overlap": (GPSettings(windows="any"), {"any_overlap": True}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_villas_variants_by_name_match_the_loop_written_their_way(model, segment, variant):
+    """Each named option against the naive loop changed only where villa's scripts differ from the GP's."""
+    settings, loop = VARIANTS[variant]
+    want = gp_loop(model, segment, segment / "s1_mask.png", **loop)[:150, :170]
+    got = run(model, segment, settings=settings)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    reference = run(model, segment)
+    assert np.abs(got - reference).max() > 1e-3  # the option changes the map
+    if settings.windows == "any":  # windows reach past the mask's top edge (rows 0..19)
+        assert got[:20].any()
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -143,11 +180,13 @@ def test_the_pieces():
     assert to_input(np.uint16(257 * 120)) == np.float32(120) * np.float32(1 / 255)  # uint8 volumes hold 257 v
     plane = padded_mask(np.ones((100, 256), bool), 100, 256)
     assert plane.shape == (256, 512) and not plane[100:].any() and not plane[:, 256:].any()
-    origins = kept_origins(plane)
+    origins = kept_origins(np.ones((100, 256), bool), (100, 256))
     assert origins[:, 0].max() <= 100 - 64 and origins[:, 1].max() <= 256 - 64
     assert origins.tolist()[:3] == [[0, 0], [0, 21], [0, 42]]
-    any_overlap = kept_origins(plane, GPSettings(any_overlap=True))
+    any_overlap = kept_origins(np.ones((100, 256), bool), (100, 256), GPSettings(windows="any"))
     assert len(any_overlap) > len(origins) and (any_overlap[:, 0] <= 99).all()
+    everything = kept_origins(None, (100, 256))  # no mask file: the padding is valid
+    assert len(everything) == len(range(0, 256 - 63, 21)) * len(range(0, 512 - 63, 21))
 
 
 def test_row_ranges_give_the_rows_of_the_whole_map(model, segment):

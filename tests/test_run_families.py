@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from ink_infer.models.gp_family import GPSettings, TorchForward, predict_gp
+from ink_infer.errors import UserError
+from ink_infer.models.gp_family import GPSettings
+from ink_infer.models.gp_predict import TorchForward, predict_gp
 from ink_infer.outputs.maps import quantised
 from ink_infer.submit import main
 from ink_infer.volumes.discovery import find_fragments
@@ -141,3 +143,52 @@ def test_the_packaged_gp_manifest_by_name(tmp_path):
     (model,) = rep["models"]
     assert model["name"] == "timesformer_GP_scroll1" and model["status"] == "ok"
     assert model["fragments"]["s1"]["windows"] == 3
+
+
+def test_villas_variants_are_manifest_fields_and_key_the_partials(data, tmp_path, standins):
+    """A GP entry's ``stride``, ``divisor``, ``windows``, ``blend``, ``count`` select villa's behaviours: the map is
+    predict_gp's under those settings, and a rerun with another variant recomputes (the partials are keyed by them)."""
+    variant = {"stride": 32, "divisor": 200, "windows": "any", "blend": "hann", "count": "weights"}
+    manifest = tmp_path / "villa.json"
+    manifest.write_text(json.dumps({"format": 1, "name": "villa", "models": [{**GP_ENTRY, **variant}]}))
+    out = tmp_path / "out"
+    assert main(argv(data, out, manifest)) == 0
+    fragment = find_fragments(data)[0][0]
+    with open_volume(fragment) as volume:
+        mask, _ = load_mask(fragment, (volume.height, volume.width))
+        settings = GPSettings(stride=32, divisor=200, windows="any", blend="hann", count="weights")
+        want, n = predict_gp(TorchForward(GPStandin().eval()), volume, mask, settings)
+        reference, _ = predict_gp(TorchForward(GPStandin().eval()), volume, mask, GPSettings())
+    fixed = (np.rint(want.astype(np.float64) * 2**24) / 2**24).astype(np.float32) * mask  # given on the mask
+    np.testing.assert_array_equal(
+        tifffile.imread(out / "probabilities" / f"{fragment.id}.gp.tif"), quantised(fixed)
+    )
+    assert report_of(out)["models"][0]["fragments"][fragment.id]["windows"] == n
+    assert not np.array_equal(quantised(want * mask), quantised(reference))
+    manifest.write_text(
+        json.dumps({"format": 1, "name": "villa", "models": [{**GP_ENTRY, **variant, "stride": 16}]})
+    )
+    assert main(argv(data, out, manifest)) == 0
+    assert not report_of(out)["partials"]["reused"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"blend": "bilinear"}, "blend 'bilinear', expected one of"),
+        ({"stride": 0}, "stride 0, expected"),
+        ({"sigma": 2.0}, "'sigma' applies to blend 'gaussian' only"),
+        ({"divisor": -1}, "divisor -1, expected"),
+    ],
+)
+def test_a_bad_variant_field_is_one_line(tmp_path, fields, said, capsys):
+    from ink_infer.manifest import load_manifest
+
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"format": 1, "name": "x", "models": [{**GP_ENTRY, **fields}]}))
+    with pytest.raises(UserError, match=said):
+        load_manifest(path)
+    entry = {**SMALL_MODELS["models"][0], "windows": "any"}
+    path.write_text(json.dumps({"format": 1, "name": "x", "models": [entry]}))
+    with pytest.raises(UserError, match="'windows' applies to timesformer models only"):
+        load_manifest(path)

@@ -1,5 +1,6 @@
-"""The Grand Prize TimeSformer's family: how the 2023 GP script (``inference_timesformer.py`` @0efba1b,
-``../shared/reference/GP_TIMESFORMER.md``) turns a segment into a probability map, rebuilt to stream.
+"""The Grand Prize TimeSformer's family: what defines how the 2023 GP script (``inference_timesformer.py`` @0efba1b,
+``../shared/reference/GP_TIMESFORMER.md``) turns a segment into a probability map, and villa's variants of it by
+name. How it is computed, streaming, is ``gp_predict``.
 
 What defines its numbers, kept exactly:
 - layers 17..42 of the 65 (``Z_RANGE``; under ``--direction reverse`` the same 26 layers in reverse order, as the GP
@@ -13,21 +14,23 @@ What defines its numbers, kept exactly:
   divided by its max, added to the sum while the count gets ones; the sum divided by the count clipped at 1, clipped
   to [0, 1], cropped to the segment.
 
-What is ours: the sums live in a band of rows that moves down the plane (windows start in row order, so a row above
-the current origin row is final), never two float64 full-size maps; the stack is never whole in memory. The GP's
-division by the padded map's global max and its uint8 truncation are a display step (``gp_png``), never part of an
-ensemble.
+villa's variants, each a manifest field of its own (``GPSettings``; absent: the GP script's): ``stride`` (villa: 32,
+or 16), ``divisor`` (villa: 200, 1.275x the training scale), ``windows: any`` (kept when any mask pixel is inside),
+``blend: hann | gaussian`` (with ``sigma`` px; sum-normalised, as villa's) and ``count: weights`` (the count adds
+the blend weight, not ones: a weighted mean, divided by the count clipped at 1e-6).
+
+The GP's division by the padded map's global max and its uint8 truncation are a display step (``gp_png``), never
+part of an ensemble.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from ink_infer.geometry import BLOCK, FIXED_SCALE, N_SLICES
+from ink_infer.geometry import BLOCK, N_SLICES
 
 ARCH = "timesformer"  # manifest entries of this family
 BATCH = {"cpu": 64, "cuda": 256}  # windows per forward: the GP script's 256 on a GPU
@@ -38,29 +41,66 @@ Z_RANGE = (17, 43)  # the 26 layers of the 65 the model reads
 CLIP = 200  # 8-bit values above are clipped
 DIVISOR = 255  # albumentations' Normalize(mean 0, std 1) default max_pixel_value: the training scale
 UPSCALE = 16  # 4 x 4 logits -> 64 x 64
+GAUSSIAN_SIGMA = TILE / 2.5  # villa's BLEND_MODE=gaussian with GAUSSIAN_SIGMA=0: max(1, 64 / 2.5) px
+WEIGHTED_FLOOR = 1e-6  # villa divides a weighted count clipped at this
 
 
 @dataclass(frozen=True)
 class GPSettings:
-    """The family's settings: the reference by default; villa's variants by name (``stride`` 32 or 16, ``divisor``
-    200, ``any_overlap`` windows: kept when any mask pixel is inside)."""
+    """The family's settings: the GP script by default; villa's variants by name."""
 
     stride: int = STRIDE
     divisor: float = DIVISOR
-    any_overlap: bool = False
+    windows: str = "inside"  # inside: wholly inside the mask (GP); any: touching it (villa V1)
+    blend: str = "gp"  # gp: gkern(64, 1) / max; hann: outer Hann / sum (villa V2); gaussian: sigma px / sum
+    sigma: float = GAUSSIAN_SIGMA  # blend gaussian only
+    count: str = "ones"  # ones: the count adds 1 per window (GP); weights: the blend weight (villa)
     reverse: bool = False  # the 26 layers in reverse order (the GP script's reversed segments)
     z_range: tuple[int, int] = Z_RANGE  # which of the 65 picked layers (a stack picked reversed: mirrored)
+
+
+GP_SCRIPT = GPSettings()  # the GP script's own settings
+
+
+def settings_for(spec, layers_reversed: bool = False) -> GPSettings:
+    """A run's settings for a manifest entry (``config.ModelSpec``: its ``z_range`` and villa fields, None: the
+    GP's) over a fragment whose 65 picked layers may run reversed (``--direction reverse``): the GP script reverses
+    its 26 selected layers in place, which on the reversed pick are the mirrored range, read in order (files 42,
+    41, .., 17 of a 65-layer stack)."""
+    z = spec.z_range
+    if layers_reversed:
+        z = (N_SLICES - z[1], N_SLICES - z[0])
+    named = {k: getattr(spec, k, None) for k in ("stride", "divisor", "windows", "blend", "sigma", "count")}
+    return GPSettings(z_range=z, **{k: v for k, v in named.items() if v is not None})
 
 
 def gkern(size: int = TILE, nsig: float = 1.0) -> np.ndarray:
     """The GP script's blending kernel: the standard normal's mass in ``size`` equal bins over [-nsig, nsig], outer
     product, divided by its sum, then by its max (1.0 at the centre). float64."""
-    edges = np.linspace(-nsig, nsig, size + 1)
-    cdf = np.array([0.5 * (1.0 + math.erf(e / math.sqrt(2.0))) for e in edges])
-    k1 = np.diff(cdf)
+    k1 = _normal_bins(size, nsig)
     k = np.outer(k1, k1)
     k = k / k.sum()
     return k / k.max()
+
+
+def _normal_bins(size: int, nsig: float) -> np.ndarray:
+    edges = np.linspace(-nsig, nsig, size + 1)
+    cdf = np.array([0.5 * (1.0 + math.erf(e / math.sqrt(2.0))) for e in edges])
+    return np.diff(cdf)
+
+
+def blend_profile(settings: GPSettings) -> np.ndarray:
+    """``(64,)`` float64 ``u`` whose outer product is the blend weight of a window (every blend is separable):
+    gp: ``gkern(64, 1)`` (max-normalised); hann: ``outer(hanning(64))`` over its sum; gaussian: a Gaussian of
+    ``sigma`` px centred on the tile, over its sum."""
+    if settings.blend == "hann":
+        h = np.hanning(TILE)
+        return h / h.sum()
+    if settings.blend == "gaussian":
+        g = np.exp(-0.5 * ((np.arange(TILE) - (TILE - 1) / 2) / settings.sigma) ** 2)
+        return g / g.sum()
+    k1 = _normal_bins(TILE, 1.0)
+    return k1 / k1.max()  # outer(k1, k1) / sum / max = outer(k1, k1) / max(k1)**2
 
 
 def padded_shape(height: int, width: int) -> tuple[int, int]:
@@ -78,27 +118,28 @@ def padded_mask(mask: np.ndarray | None, height: int, width: int) -> np.ndarray:
     return out
 
 
-def kept_origins(mask: np.ndarray, settings: GPSettings = GPSettings()) -> np.ndarray:
-    """``(N, 2)`` int64 ``(y, x)`` of the windows the run keeps, row-major: every ``stride`` on the padded plane,
-    wholly inside ``mask`` (the padded mask), or touching it with ``any_overlap``."""
-    ph, pw = mask.shape
+def kept_origins(
+    mask: np.ndarray | None, shape: tuple[int, int], settings: GPSettings = GP_SCRIPT
+) -> np.ndarray:
+    """``(N, 2)`` int64 ``(y, x)`` of the windows the run keeps, row-major: every ``stride`` on the padded plane of
+    a ``shape`` segment, wholly inside ``mask`` (``(H, W)`` bool; None: no mask file, every pixel and the padding
+    valid), or touching it under ``windows: any``. One origin row at a time: never a plane-sized table."""
+    ph, pw = padded_shape(*shape)
     ys = np.arange(0, ph - TILE + 1, settings.stride)
     xs = np.arange(0, pw - TILE + 1, settings.stride)
-    inside = np.zeros((ph + 1, pw + 1), np.int64)  # summed-area table of mask pixels
-    inside[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
-    y0, x0 = np.meshgrid(ys, xs, indexing="ij")
-    count = inside[y0 + TILE, x0 + TILE] - inside[y0, x0 + TILE] - inside[y0 + TILE, x0] + inside[y0, x0]
-    keep = count > 0 if settings.any_overlap else count == TILE * TILE
-    return np.stack([y0[keep], x0[keep]], axis=1).astype(np.int64)
-
-
-def settings_for(z_range: tuple[int, int], layers_reversed: bool) -> GPSettings:
-    """A run's settings for a manifest entry's ``z_range`` over a fragment whose 65 picked layers may run reversed
-    (``--direction reverse``): the GP script reverses its 26 selected layers in place, which on the reversed pick
-    are the mirrored range, read in order (files 42, 41, .., 17 of a 65-layer stack)."""
-    if layers_reversed:
-        return GPSettings(z_range=(N_SLICES - z_range[1], N_SLICES - z_range[0]))
-    return GPSettings(z_range=z_range)
+    if mask is None:
+        y0, x0 = np.meshgrid(ys, xs, indexing="ij")
+        return np.stack([y0.ravel(), x0.ravel()], axis=1).astype(np.int64)
+    h, w = mask.shape
+    found = []
+    for y in ys:
+        cols = np.zeros(pw + 1, np.int64)  # mask pixels per column of rows [y, y + 64), summed along the row
+        np.cumsum(mask[y : y + TILE].sum(axis=0, dtype=np.int64), out=cols[1 : w + 1])
+        cols[w + 1 :] = cols[w]
+        inside = cols[xs + TILE] - cols[xs]
+        keep = xs[inside > 0 if settings.windows == "any" else inside == TILE * TILE]
+        found.append(np.stack([np.full(len(keep), y), keep], axis=1))
+    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), np.int64)
 
 
 def layer_indices(settings: GPSettings) -> list[int]:
@@ -118,81 +159,8 @@ def scaled(eight: np.ndarray, divisor: float = DIVISOR) -> np.ndarray:
 
 
 def to_input(raw: np.ndarray, divisor: float = DIVISOR) -> np.ndarray:
-    """uint16 layers -> the model's float32: ``min(v >> 8, 200) * float32(1 / divisor)`` (``TorchForward`` does the
-    multiply from the uint8 tiles, on the device on CUDA: the same IEEE products)."""
+    """uint16 layers -> the model's float32: ``min(v >> 8, 200) * float32(1 / divisor)``."""
     return scaled(to_eight(raw), divisor)
-
-
-class BandSums:
-    """The sums of the windows over rows ``[top, top + rows)`` of the padded plane: the numerator (float64, kernel
-    weighted) and the count (ones); rows above the next origin row are final and handed out by ``flush``."""
-
-    def __init__(self, width: int, rows: int = 2 * TILE) -> None:
-        self.top = 0
-        self.numerator = np.zeros((rows, width), np.float64)
-        self.count = np.zeros((rows, width), np.int32)
-
-    def add(self, y: int, xs: np.ndarray, values: np.ndarray, stride: int) -> None:
-        """Windows of one origin row ``y`` at columns ``xs`` (on the ``stride`` grid, increasing), ``values``
-        ``(n, 64, 64)`` float64. Windows ``ceil(64 / stride)`` grid steps apart never overlap, so each such phase is
-        added in one vectorised step (a per-window loop cost more than a light model itself); a pixel then takes
-        its windows in another order than the GP script's, which changes its float64 sum by rounding only."""
-        rows = slice(y - self.top, y - self.top + TILE)
-        phases = (xs // stride) % -(-TILE // stride)
-        for phase in np.unique(phases):
-            pick = np.nonzero(phases == phase)[0]
-            cols = (xs[pick, None] + np.arange(TILE)).ravel()
-            self.numerator[rows, cols] += values[pick].transpose(1, 0, 2).reshape(TILE, -1)
-            self.count[rows, cols] += 1
-
-    def flush(self, until: int) -> np.ndarray:
-        """The final probabilities of rows ``[top, until)`` (float32; rows no window reached: 0), the band moved
-        down past them."""
-        n, held = until - self.top, len(self.numerator)
-        done = np.zeros((n, self.numerator.shape[1]), np.float32)
-        k = min(n, held)
-        done[:k] = np.clip(np.nan_to_num(self.numerator[:k] / np.maximum(self.count[:k], 1)), 0.0, 1.0)
-        self.numerator = np.concatenate([self.numerator[k:], np.zeros_like(self.numerator[:k])])
-        self.count = np.concatenate([self.count[k:], np.zeros_like(self.count[:k])])
-        self.top = until
-        return done
-
-
-def predict_gp(
-    forward: Callable[[np.ndarray], np.ndarray], volume, mask: np.ndarray | None,
-    settings: GPSettings = GPSettings(), *, batch_size: int = 64, rows: tuple[int, int] | None = None,
-    padded: bool = False, sample: int | None = None,
-) -> tuple[np.ndarray, int]:  # fmt: skip
-    """``(the family's probability map, windows run)`` of ``volume`` (``read_band``, ``height``, ``width``) under
-    ``mask`` (``(H, W)`` bool; None: no mask file): ``(H, W)`` float32, or rows ``[y0, y1)`` of it (``rows``: a
-    row-range unit; only the windows that reach them run), or the whole padded plane (``padded``: what ``gp_png``
-    divides by its max). ``forward(tiles, divisor)``: ``(B, 1, 26, 64, 64)`` uint8 -> ``(B, 64, 64)``
-    probabilities (``TorchForward``). ``sample``: only that many windows, spread over the plane (a dry run's timing)."""
-    h, w = volume.height, volume.width
-    plane = padded_mask(mask, h, w)
-    origins = kept_origins(plane, settings)
-    ph, pw = plane.shape
-    y0, y1 = rows if rows is not None else (0, ph if padded else h)
-    origins = origins[(origins[:, 0] > y0 - TILE) & (origins[:, 0] < y1)]
-    if sample is not None and len(origins) > sample:
-        origins = origins[np.linspace(0, len(origins) - 1, sample).round().astype(int)]
-    kernel, layers = gkern(), layer_indices(settings)
-    lo, hi = min(layers), max(layers) + 1
-    order = [i - lo for i in layers]
-    sums = BandSums(pw)
-    sums.top = int(origins[0, 0]) if len(origins) else y0
-    out = np.zeros((y1 - y0, pw if padded else w), np.float32)
-    slab = _Slab(volume, lo, hi, order, pw)
-    for y in (int(v) for v in np.unique(origins[:, 0])):
-        _emit(out, sums.top - y0, sums.flush(y))
-        stack = slab.rows(y)
-        xs = origins[origins[:, 0] == y, 1]
-        for k in range(0, len(xs), batch_size):
-            part = xs[k : k + batch_size]
-            probs = forward(np.stack([stack[:, :, x : x + TILE] for x in part])[:, None], settings.divisor)
-            sums.add(y, part, probs.astype(np.float64) * kernel, settings.stride)
-    _emit(out, sums.top - y0, sums.flush(max(y1, sums.top)))
-    return out, len(origins)
 
 
 def unit_rows(shape: tuple[int, int], rows: tuple[int, int] | None) -> tuple[int, int]:
@@ -203,30 +171,11 @@ def unit_rows(shape: tuple[int, int], rows: tuple[int, int] | None) -> tuple[int
     return min(rows[0] * BLOCK, shape[0]), min(rows[1] * BLOCK, shape[0])
 
 
-def unit_sums(forward, volume, plan, block_rows: tuple[int, int], settings: GPSettings, *, batch_size: int,
-              sample: int | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
-    """A unit's result as the engine keeps every unit's: fixed-point sums (``geometry.FIXED_SCALE``) on the
-    cover grid's ``block_rows``, ``((hi - lo) * 32, cw * 32)`` int64, which finish (``stitch.finalize``) over a
-    count of 1 (``gp_coverage``) to this family's map; and the windows run. ``plan``: the item (its ``shape``,
-    ``mask``, ``rows``)."""
-    lo, hi = block_rows
-    y0, y1 = unit_rows(plan.shape, plan.rows)
-    cw = -(-plan.shape[1] // BLOCK)
-    sums = np.zeros(((hi - lo) * BLOCK, cw * BLOCK), np.int64)
-    if y1 <= y0:
-        return sums, 0
-    prob, n = predict_gp(
-        forward, volume, plan.mask, settings, batch_size=batch_size, rows=(y0, y1), sample=sample
-    )
-    top = y0 - lo * BLOCK
-    sums[top : top + len(prob), : prob.shape[1]] = np.rint(prob.astype(np.float64) * FIXED_SCALE)
-    return sums, n
-
-
 def gp_coverage(mask: np.ndarray, rows: tuple[int, int] | None = None) -> np.ndarray:
     """``(ch, cw)`` int32 on the cover grid: 1 where a block holds mask pixels (of a row range's own block rows
-    ``[r0, r1)`` only). The family's map is final where the mask is (its windows lie wholly inside it), so as a
-    sum over a count of 1 it merges and ensembles like any."""
+    ``[r0, r1)`` only). The family's map is final there (every map is given on the mask's pixels: ``windows: any``
+    reaches past them, and what it adds there is dropped as the 2nd place's is), so as a sum over a count of 1 it
+    merges and ensembles like any."""
     h, w = mask.shape
     ch, cw = -(-h // BLOCK), -(-w // BLOCK)
     grid = np.zeros((ch * BLOCK, cw * BLOCK), bool)
@@ -238,60 +187,9 @@ def gp_coverage(mask: np.ndarray, rows: tuple[int, int] | None = None) -> np.nda
     return found
 
 
-class _Slab:
-    """The 8-bit layers of rows ``[y, y + 64)`` of the padded plane, for origin rows in increasing order: the rows
-    two windows' rows share (43 of 64 at stride 21) are kept, only the new ones read and converted."""
-
-    def __init__(self, volume, lo: int, hi: int, order: list[int], width: int) -> None:
-        self.volume, self.lo, self.hi, self.order, self.width = volume, lo, hi, order, width
-        self.top, self.held = 0, np.zeros((len(order), 0, width), np.uint8)
-
-    def rows(self, y: int) -> np.ndarray:
-        keep = self.held[:, y - self.top :] if y < self.top + self.held.shape[1] else self.held[:, :0]
-        start = y + keep.shape[1]
-        raw = np.zeros((self.hi - self.lo, y + TILE - start, self.width), np.uint16)
-        raw[:, :, : self.volume.width] = self.volume.read_band(start, y + TILE, self.lo, self.hi)
-        self.top, self.held = y, np.concatenate([keep, to_eight(raw[self.order])], axis=1)
-        return self.held
-
-
-def _emit(out: np.ndarray, top: int, rows: np.ndarray) -> None:
-    """Final rows starting at row ``top`` of ``out`` (negative: above it) into ``out``; what lies outside dropped."""
-    start, stop = max(top, 0), min(top + len(rows), out.shape[0])
-    if stop > start:
-        out[start:stop] = rows[start - top : stop - top, : out.shape[1]]
-
-
-class TorchForward:
-    """``predict_gp``'s ``forward`` for a torch model (``(B, 1, 26, 64, 64)`` -> ``(B, 16)`` or ``(B, 1, 4, 4)``
-    logits): fp16 autocast on CUDA, fp32 on the CPU (as the GP script: its CUDA autocast is off on the CPU), then
-    sigmoid and x16 bilinear with ``align_corners=False``, in the GP script's order."""
-
-    def __init__(self, model, device="cpu") -> None:
-        self.model, self.device = model, device
-
-    def __call__(self, tiles: np.ndarray, divisor: float = DIVISOR) -> np.ndarray:
-        """``(B, 1, 26, 64, 64)`` uint8 (``to_eight``) -> ``(B, 64, 64)`` float32 probabilities; the tiles cross to
-        the device as bytes and become ``v * float32(1 / divisor)`` there."""
-        import torch
-        import torch.nn.functional as F
-
-        scale = np.float32(1.0 / divisor)
-        # numpy turns bytes into floats several times faster than torch on the CPU
-        if torch.device(self.device).type == "cpu":
-            x = torch.from_numpy(scaled(tiles, divisor))
-        else:
-            x = torch.from_numpy(tiles).to(self.device).float() * torch.tensor(scale, device=self.device)
-        with torch.no_grad(), torch.autocast("cuda", enabled=x.is_cuda):
-            logits = self.model(x)
-        probs = torch.sigmoid(logits.reshape(-1, 1, 4, 4)).float()
-        up = F.interpolate(probs, scale_factor=UPSCALE, mode="bilinear", align_corners=False)
-        return up[:, 0].cpu().numpy()
-
-
 def gp_png(padded_map: np.ndarray) -> np.ndarray:
-    """The GP script's picture from the map on its padded plane (``predict_gp(..., padded=True)``): divided by its
-    global max, ``p * 255`` truncated to uint8, at the padded size, as the script writes it. A display step only."""
+    """The GP script's picture from the map on its padded plane: divided by its global max, ``p * 255`` truncated to
+    uint8, at the padded size, as the script writes it. A display step only."""
     plane = padded_map.astype(np.float64)
     top = plane.max()
     if top > 0:

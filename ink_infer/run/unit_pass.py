@@ -13,7 +13,7 @@ import torch
 from ink_infer.engine.predict import PassSettings, PredictStats, predict_fragment
 from ink_infer.engine.tiling import Windows, spread_sample
 from ink_infer.errors import UserError
-from ink_infer.models import gp_family
+from ink_infer.models import gp_family, gp_predict
 from ink_infer.run.plan import Unit
 from ink_infer.volumes.reader import open_volume
 
@@ -81,10 +81,10 @@ def _gp_unit(unit: Unit, volume, pass_: UnitPass, on_batch) -> tuple[np.ndarray,
     """A unit of the GP TimeSformer family (``models.gp_family``): its own windows, kernel and count; the same
     fixed-point sums on the unit's block rows as any unit (a dry run: a spread sample of its windows)."""
     options, device = pass_.ctx.options, pass_.ctx.runtime.device
-    forward = gp_family.TorchForward(pass_.model, device)
-    settings = gp_family.settings_for(unit.model.z_range, unit.fragment.fragment.direction == "reverse")
+    forward = gp_predict.TorchForward(pass_.model, device)
+    settings = gp_family.settings_for(unit.model, unit.fragment.fragment.direction == "reverse")
     t0 = time.perf_counter()
-    sums, n = gp_family.unit_sums(
+    sums, n = gp_predict.unit_sums(
         forward, volume, unit.fragment, unit.block_rows(), settings, batch_size=pass_.batch_size,
         sample=options.max_windows if options.dry_run else None,
     )  # fmt: skip
