@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import norm
 
-from ink_infer.models.gp_family import GPSettings, gkern, gp_png, kept_origins, padded_mask, to_input
+from ink_infer.models.gp_family import (
+    GPSettings,
+    gkern,
+    gp_png,
+    kept_origins,
+    padded_area,
+    padded_mask,
+    to_input,
+)
 from ink_infer.models.gp_predict import TorchForward, predict_gp
 from ink_infer.synthetic.fragments import write_segment
 from ink_infer.volumes.fragment import Fragment
@@ -107,7 +115,8 @@ def run(model, seg: Path, *, mask: bool = True, reverse: bool = False, padded: b
     own = cv2.imread(str(seg / "s1_mask.png"), 0) > 0 if mask else None
     settings = settings or GPSettings(reverse=reverse)
     with open_volume(fragment) as volume:
-        found, _ = predict_gp(TorchForward(model), volume, own, settings, batch_size=7, padded=padded)
+        area = padded_area(volume.height, volume.width) if padded else None
+        found, _ = predict_gp(TorchForward(model), volume, own, settings, batch_size=7, area=area)
         return found
 
 
@@ -198,7 +207,7 @@ def test_row_ranges_give_the_rows_of_the_whole_map(model, segment):
         whole, n = predict_gp(TorchForward(model), volume, own)
         for cuts in ([0, 64, 150], [0, 32, 96, 128, 150], [0, 50, 51, 150]):
             parts = [
-                predict_gp(TorchForward(model), volume, own, rows=(a, b))
+                predict_gp(TorchForward(model), volume, own, area=(a, b, 0, 170))
                 for a, b in zip(cuts, cuts[1:], strict=False)
             ]
             np.testing.assert_array_equal(np.concatenate([p for p, _ in parts]), whole)

@@ -108,6 +108,12 @@ def padded_shape(height: int, width: int) -> tuple[int, int]:
     return height + PAD - height % PAD, width + PAD - width % PAD
 
 
+def padded_area(height: int, width: int) -> tuple[int, int, int, int]:
+    """``(0, ph, 0, pw)``: the whole padded plane as a ``predict_gp`` area."""
+    ph, pw = padded_shape(height, width)
+    return 0, ph, 0, pw
+
+
 def padded_mask(mask: np.ndarray | None, height: int, width: int) -> np.ndarray:
     """The mask on the padded plane: zero padding; no mask: every pixel, the padding included (as the GP script)."""
     ph, pw = padded_shape(height, width)

@@ -97,18 +97,17 @@ class BandSums:
 
 def predict_gp(
     forward: Callable[[np.ndarray, float], np.ndarray], volume, mask: np.ndarray | None,
-    settings: GPSettings = GP_SCRIPT, *, batch_size: int = 64, rows: tuple[int, int] | None = None,
-    cols: tuple[int, int] | None = None, padded: bool = False, sample: int | None = None,
+    settings: GPSettings = GP_SCRIPT, *, batch_size: int = 64, area: tuple[int, int, int, int] | None = None,
+    sample: int | None = None,
 ) -> tuple[np.ndarray, int]:  # fmt: skip
     """``(the family's probability map, windows run)`` of ``volume`` (``read_band``, ``height``, ``width``) under
-    ``mask`` (``(H, W)`` bool; None: no mask file): ``(H, W)`` float32, or the whole padded plane (``padded``: what
-    ``gp_png`` divides by its max), or rows ``[y0, y1)`` and columns ``[x0, x1)`` of it (``rows``, ``cols``: only the
-    windows that reach them run). ``forward(tiles, divisor)``: ``(B, 1, 26, 64, 64)`` uint8 -> ``(B, 4, 4)``
-    probabilities (``TorchForward``). ``sample``: only that many windows, spread over the plane (a dry run's timing)."""
+    ``mask`` (``(H, W)`` bool; None: no mask file): ``(H, W)`` float32, or rows ``[y0, y1)`` and columns ``[x0, x1)``
+    of the padded plane (``area``: ``(y0, y1, x0, x1)``; only the windows that reach it run; the whole plane,
+    ``gp_family.padded_area``, is what ``gp_png`` divides by its max). ``forward(tiles, divisor)``: ``(B, 1, 26, 64,
+    64)`` uint8 or float32 (``wants_float``) -> ``(B, 4, 4)`` probabilities (``TorchForward``). ``sample``: only
+    that many windows, spread over the plane (a dry run's timing)."""
     h, w = volume.height, volume.width
-    ph, pw = padded_shape(h, w)
-    y0, y1 = rows if rows is not None else (0, ph if padded else h)
-    x0, x1 = cols if cols is not None else (0, pw if padded else w)
+    y0, y1, x0, x1 = area if area is not None else (0, h, 0, w)
     origins = kept_origins(mask, (h, w), settings)
     near = (
         (origins[:, 0] > y0 - TILE)
@@ -121,10 +120,10 @@ def predict_gp(
         origins = origins[np.linspace(0, len(origins) - 1, sample).round().astype(int)]
     layers = layer_indices(settings)
     lo, hi = min(layers), max(layers) + 1
-    sums = BandSums(pw, settings)
+    sums = BandSums(padded_shape(h, w)[1], settings)
     sums.top = int(origins[0, 0]) if len(origins) else y0
     out = np.zeros((y1 - y0, x1 - x0), np.float32)
-    slab = _Slab(volume, lo, hi, [i - lo for i in layers], pw)
+    slab = _Slab(volume, lo, hi, [i - lo for i in layers], padded_shape(h, w)[1])
     as_float = getattr(forward, "wants_float", False)
     for y in (int(v) for v in np.unique(origins[:, 0])):
         _emit(out, sums.top - y0, sums.flush(y), x0)
@@ -157,7 +156,8 @@ def unit_sums(forward, volume, plan, block_rows: tuple[int, int], settings: GPSe
     if y1 <= y0:
         return sums, 0
     mask = None if plan.mask.all() else plan.mask
-    prob, n = predict_gp(forward, volume, mask, settings, batch_size=batch_size, rows=(y0, y1), sample=sample)
+    area = (y0, y1, 0, plan.shape[1])
+    prob, n = predict_gp(forward, volume, mask, settings, batch_size=batch_size, area=area, sample=sample)
     top = y0 - lo * BLOCK
     sums[top : top + len(prob), : prob.shape[1]] = np.rint(prob.astype(np.float64) * FIXED_SCALE)
     return sums, n
