@@ -172,6 +172,7 @@ class RunConfig:
         None  # probability TIFFs and ink PNGs; None: for segments, not Kaggle runs
     )
     save_model_maps: bool = False  # also each model's probability TIFF
+    gp_png: bool = False  # also the GP script's picture of each timesformer model's map (run.gp_picture)
     prob_format: str = "tiff"  # --prob-format tiff | ome-zarr (an NGFF multiscale pyramid)
     rotate: int = (
         0  # --rotate: degrees the input is turned counterclockwise before inference (outputs turned back)

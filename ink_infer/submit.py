@@ -244,6 +244,8 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
                         "(what VC3D, napari and neuroglancer open; needs the zarr package)")  # fmt: skip
     g.add_argument("--save-model-maps", action="store_true",
                    help="also each model's probability map, OUT/probabilities/<id>.<model>.tif")  # fmt: skip
+    g.add_argument("--gp-png", action="store_true", help="also the GP script's own picture of each timesformer "
+                   "model's map: OUT/gp_png/<model>/<id>_prediction_rotated_0_layer_17.png")  # fmt: skip
     g.add_argument("--quiet", action="store_true", help="only warnings, errors and the final table")
     number_in("--progress-every", 60.0, "seconds between progress lines when stderr is not a terminal (a "
               "notebook cell, a log file)", metavar="SECONDS")  # fmt: skip
@@ -307,7 +309,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         require_hashes=args.require_hashes, progress_every=args.progress_every, fresh=args.fresh,
         layers=parse_layers(args.layers), direction=args.direction, reverse_layers=args.reverse_layers, layer_axis=args.layer_axis,
         missing_chunks=args.missing_chunks,
-        save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps,
+        save_probabilities=args.save_probabilities, save_model_maps=args.save_model_maps, gp_png=args.gp_png,
         prob_format=args.prob_format, rotate=args.rotate,
         argv=tuple(sys.argv[:1] + (sys.argv[1:] if argv is None else list(argv))),
     )  # fmt: skip

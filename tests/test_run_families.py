@@ -137,7 +137,8 @@ def test_the_packaged_gp_manifest_by_name(tmp_path):
     assert (
         main([*base, "--weights", str(tmp_path)]) == 2
     )  # timesformer_GP_scroll1/model.safetensors is not there
-    assert main([*base, "--allow-random-weights", "--dry-run", "--max-windows", "3"]) == 0
+    # --stride is the 2nd place's: a GP-only manifest takes any (its windows keep their own 21 px)
+    assert main([*base, "--allow-random-weights", "--dry-run", "--max-windows", "3", "--stride", "256"]) == 0
     rep = report_of(out)
     assert rep["manifest"].endswith("gp_timesformer.json")
     (model,) = rep["models"]
@@ -192,3 +193,38 @@ def test_a_bad_variant_field_is_one_line(tmp_path, fields, said, capsys):
     path.write_text(json.dumps({"format": 1, "name": "x", "models": [entry]}))
     with pytest.raises(UserError, match="'windows' applies to timesformer models only"):
         load_manifest(path)
+
+
+@pytest.mark.parametrize("mask_file", [True, False])
+def test_gp_png_is_the_gp_scripts_own_picture(tmp_path, standins, mask_file):
+    """``--gp-png``: the GP script's picture (the padded plane, uncropped, ÷ its max, truncated to uint8, under the
+    script's file name) against the naive GP loop's; without a mask file the padding holds predictions (windows of
+    zeros) that enter the max, as the script's do."""
+    import cv2
+
+    from ink_infer.synthetic.fragments import write_segment
+    from tests.test_models_gp_family import gp_loop
+
+    seg = write_segment(tmp_path / "segs", "s1", shape=(150, 170), seed=2)
+    if not mask_file:
+        (seg / "s1_mask.png").unlink()
+    manifest = tmp_path / "gp.json"
+    manifest.write_text(json.dumps({"format": 1, "name": "gp", "models": [GP_ENTRY]}))
+    out = tmp_path / "out"
+    assert main(argv(seg, out, manifest, "--gp-png")) == 0
+    picture = cv2.imread(
+        str(out / "gp_png" / "gp" / "s1_prediction_rotated_0_layer_17.png"), cv2.IMREAD_UNCHANGED
+    )
+    padded = gp_loop(GPStandin().eval(), seg, seg / "s1_mask.png" if mask_file else None)
+    want = (padded / padded.max() * 255).astype(np.uint8)
+    assert picture.shape == want.shape == (256, 256) and picture.dtype == np.uint8
+    assert np.mean(picture != want) < 1e-3 and np.abs(picture.astype(int) - want).max() <= 1
+    assert picture[150:].any() != mask_file and picture.max() == 255
+
+
+def test_gp_png_without_a_gp_model_is_one_line(data, tmp_path, capsys):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps(SMALL_MODELS))
+    assert main(argv(data, tmp_path / "out", manifest, "--gp-png")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gp-png" in err[0] and "m.json" in err[0]

@@ -193,11 +193,12 @@ def gp_coverage(mask: np.ndarray, rows: tuple[int, int] | None = None) -> np.nda
     return found
 
 
-def gp_png(padded_map: np.ndarray) -> np.ndarray:
-    """The GP script's picture from the map on its padded plane: divided by its global max, ``p * 255`` truncated to
-    uint8, at the padded size, as the script writes it. A display step only."""
+def gp_png(padded_map: np.ndarray, top: float | None = None) -> np.ndarray:
+    """The GP script's picture from the map on its padded plane: divided by its global max (``top``: that max, when
+    the map comes in bands), ``p * 255`` truncated to uint8, at the padded size, as the script writes it, in float64
+    (an all-zero map stays 0, where the script's division gives NaN). A display step only."""
     plane = padded_map.astype(np.float64)
-    top = plane.max()
+    top = plane.max() if top is None else top
     if top > 0:
         plane = plane / top
     return (plane * 255).astype(np.uint8)

@@ -148,14 +148,14 @@ def unit_sums(forward, volume, plan, block_rows: tuple[int, int], settings: GPSe
     """A unit's result as the engine keeps every unit's: fixed-point sums (``geometry.FIXED_SCALE``) on the
     cover grid's ``block_rows``, ``((hi - lo) * 32, cw * 32)`` int64, which finish (``stitch.finalize``) over a
     count of 1 (``gp_family.gp_coverage``) to this family's map; and the windows run. ``plan``: the item (its
-    ``shape``, ``mask``, ``rows``); a mask of every pixel is a segment without a mask file."""
+    ``shape``, ``mask``, ``mask_file``, ``rows``)."""
     lo, hi = block_rows
     y0, y1 = unit_rows(plan.shape, plan.rows)
     cw = -(-plan.shape[1] // BLOCK)
     sums = np.zeros(((hi - lo) * BLOCK, cw * BLOCK), np.int64)
     if y1 <= y0:
         return sums, 0
-    mask = None if plan.mask.all() else plan.mask
+    mask = plan.mask if plan.mask_file else None
     area = (y0, y1, 0, plan.shape[1])
     prob, n = predict_gp(forward, volume, mask, settings, batch_size=batch_size, area=area, sample=sample)
     top = y0 - lo * BLOCK

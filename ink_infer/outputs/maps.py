@@ -31,6 +31,12 @@ def probability_path(out: Path, stem: str, fmt: str) -> Path:
     return out / "probabilities" / f"{stem}{PROB_FORMATS[fmt]}"
 
 
+def gp_picture_path(out: Path, model: str, fragment_id: str, first_layer: int) -> Path:
+    """``OUT/gp_png/<model>/<id>_prediction_rotated_0_layer_<first layer>.png``: where ``--gp-png`` writes a GP-family
+    model's picture of a fragment, under the GP script's own file name (``run.gp_picture``)."""
+    return out / "gp_png" / model / f"{fragment_id}_prediction_rotated_0_layer_{first_layer}.png"
+
+
 def quantised(prob: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] as uint8 levels ``round(p * 255)``."""
     return np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -68,6 +74,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def write_mask_png(path: Path, shape: tuple[int, int], bands: Iterable[np.ndarray]) -> None:
     """The ``(H, W)`` ink mask given as consecutive bands of rows (bool), as a 0/255 greyscale PNG at ``path``,
     atomically; one band in memory at a time."""
+    write_png(path, shape, (np.where(band, np.uint8(255), np.uint8(0)) for band in bands))
+
+
+def write_png(path: Path, shape: tuple[int, int], bands: Iterable[np.ndarray]) -> None:
+    """An ``(H, W)`` 8-bit greyscale picture given as consecutive bands of rows (uint8), as a PNG at ``path``,
+    atomically; one band in memory at a time."""
     h, w = shape
 
     def write(f) -> None:
@@ -78,13 +90,13 @@ def write_mask_png(path: Path, shape: tuple[int, int], bands: Iterable[np.ndarra
             lines = np.zeros(
                 (band.shape[0], w + 1), np.uint8
             )  # each row: filter type 0 (none), then its pixels
-            lines[:, 1:] = np.where(band, np.uint8(255), np.uint8(0))
+            lines[:, 1:] = band
             rows += band.shape[0]
             data = packer.compress(lines.tobytes())
             if data:
                 f.write(_chunk(b"IDAT", data))
         if rows != h:
-            raise ValueError(f"{path}: {rows} rows given for a mask of {h}")
+            raise ValueError(f"{path}: {rows} rows given for a picture of {h}")
         f.write(_chunk(b"IDAT", packer.flush()) + _chunk(b"IEND", b""))
 
     path.parent.mkdir(parents=True, exist_ok=True)

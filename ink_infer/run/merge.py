@@ -17,14 +17,16 @@ import numpy as np
 
 from ink_infer.engine.stitch import merge_ranges
 from ink_infer.errors import UserError
+from ink_infer.models import gp_family
 from ink_infer.outputs.ensemble import FragmentEnsemble
-from ink_infer.outputs.maps import TILE, probability_path
+from ink_infer.outputs.maps import TILE, gp_picture_path, probability_path
 from ink_infer.outputs.raster import Raster, bands, is_large, scratch_dir, turned_band, turned_shape
 from ink_infer.outputs.report import RunReport, write_report
 from ink_infer.outputs.write import write_probability
 from ink_infer.run.budget import EtaMonitor, project
 from ink_infer.run.executors import Computed
 from ink_infer.run.faults import RunEnded
+from ink_infer.run.gp_picture import padding_margin, write_picture
 from ink_infer.run.model_run import InPartials, run_model
 from ink_infer.run.partials import PartialStore, safe_name
 from ink_infer.run.plan import FragmentPlan, Unit, model_count
@@ -71,8 +73,8 @@ def run_models(
                 ranges = [(*item.block_rows(spec.tile), functools.partial(take, item))
                           for item in run.items if item.fragment is p.fragment]  # fmt: skip
                 rows = merge_ranges(ranges, model_count(p, spec), p.mask)
-                if cfg.save_model_maps:
-                    rows = _model_map_kept(run, p, spec.name, rows)
+                if cfg.save_model_maps or (cfg.gp_png and spec.arch == gp_family.ARCH):
+                    rows = _model_map_kept(run, p, spec, weights, rows)
                 ens.add_model(model_count(p, spec), spec.weight, rows)
         del done  # the model's maps go before the next model allocates its own
         write_report(
@@ -111,22 +113,35 @@ def _take_sums(sums: dict, spec, weights, store: PartialStore | None, item: Frag
     return loaded
 
 
-def _model_map_kept(run: PreparedRun, plan: FragmentPlan, model: str, rows):
-    """--save-model-maps: ``rows`` passed on, each also kept (in memory, or on disk for a large fragment); once
-    they are all through, the model's probability TIFF is written, as the ensemble's is."""
-    kept = Raster(plan.shape, np.float32, _spill(run, plan, model))
+def _model_map_kept(run: PreparedRun, plan: FragmentPlan, spec, weights, rows):
+    """--save-model-maps, --gp-png: ``rows`` passed on, each also kept (in memory, or on disk for a large
+    fragment); once they are all through, the model's probability TIFF and its GP picture are written."""
+    kept = Raster(plan.shape, np.float32, _spill(run, plan, spec.name))
     try:
         for y0, prob in rows:
             kept.write(y0, prob)  # before the ensemble weights it in place
             yield y0, prob
-        path = probability_path(run.cfg.out, f"{plan.id}.{model}", run.cfg.prob_format)
-        angle = plan.fragment.rotate
-        shape = turned_shape(plan.shape, angle)
-        turned = (turned_band(kept.piece, plan.shape, angle, lo, hi) for lo, hi in bands(shape[0], TILE))
-        try:
-            write_probability(path, shape, turned, run.cfg.prob_format)
-        except OSError as e:  # asked for (--save-model-maps): an output that cannot be written ends the run
-            raise UserError(f"{path}: cannot write ({e.strerror or e}); the finished results are kept in the "
-                            "partials: rerun the same command once it can be written") from None  # fmt: skip
+        if run.cfg.save_model_maps:
+            path = probability_path(run.cfg.out, f"{plan.id}.{spec.name}", run.cfg.prob_format)
+            angle = plan.fragment.rotate
+            shape = turned_shape(plan.shape, angle)
+            turned = (turned_band(kept.piece, plan.shape, angle, lo, hi) for lo, hi in bands(shape[0], TILE))
+            _written(path, lambda: write_probability(path, shape, turned, run.cfg.prob_format))
+        if run.cfg.gp_png and spec.arch == gp_family.ARCH:
+            path = gp_picture_path(run.cfg.out, spec.name, plan.id, spec.z_range[0])
+            batch = run.options.batch_size or gp_family.BATCH.get(
+                run.runtime.device.type, gp_family.BATCH["cpu"]
+            )
+            margin = padding_margin(spec, weights, plan, run.runtime, batch)
+            _written(path, lambda: write_picture(path, kept, margin))
     finally:
         kept.delete()
+
+
+def _written(path, write) -> None:
+    """An output asked for (--save-model-maps, --gp-png): one that cannot be written ends the run."""
+    try:
+        write()
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e}); the finished results are kept in the "
+                        "partials: rerun the same command once it can be written") from None  # fmt: skip

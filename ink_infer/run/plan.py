@@ -21,7 +21,7 @@ from ink_infer.engine.tiling import cover_grid, spec_coverage, windows_of
 from ink_infer.geometry import BLOCK, MAX_ROWS_PER_BAND
 from ink_infer.models import gp_family
 from ink_infer.volumes.fragment import Fragment
-from ink_infer.volumes.masks import load_mask
+from ink_infer.volumes.masks import NO_MASK_FILE, load_mask
 from ink_infer.volumes.reader import open_volume
 
 RANDOM_SEED = 0  # random-init rehearsals are reproducible, and their partials can be keyed by it
@@ -66,6 +66,9 @@ class FragmentPlan:
     missing_chunks: list[str] = field(default_factory=list)  # a zarr store's chunks missing under the mask
     rows: tuple[int, int] | None = (
         None  # a row range [r0, r1) of window-origin block rows; None: every window
+    )
+    mask_file: bool = (
+        True  # False: no mask file, every pixel used (the GP family then covers its padding too)
     )
 
     @property
@@ -146,9 +149,11 @@ def plan_fragment(fragment: Fragment, *, stride: int, tta: str) -> FragmentPlan:
         )
     if len(origins) == 0:
         notes.append(f"fragment {fragment.id}: no mask pixel on the 32-pixel grid, empty prediction")
+    mask_file = not (warning or "").endswith(NO_MASK_FILE)
+    data = data if mask_file else {**data, "mask_file": False}  # the GP family's windows differ without one
     return FragmentPlan(
         fragment, shape, mask, touched, origins, windows.ops, notes=notes,
-        fingerprint=fragment_fingerprint(fragment, shape, mask, data), missing_chunks=missing,
+        fingerprint=fragment_fingerprint(fragment, shape, mask, data), missing_chunks=missing, mask_file=mask_file,
     )  # fmt: skip
 
 

@@ -21,7 +21,8 @@ from ink_infer.config import RunConfig
 from ink_infer.errors import UserError, size_text
 from ink_infer.geometry import BLOCK, N_SLICES
 from ink_infer.manifest import Manifest, find_weights, load_manifest, verify_file
-from ink_infer.outputs.maps import probability_path
+from ink_infer.models.gp_family import ARCH as GP_ARCH
+from ink_infer.outputs.maps import gp_picture_path, probability_path
 from ink_infer.run.plan import FragmentPlan, Weights, model_count
 from ink_infer.volumes.remote import is_url
 
@@ -128,8 +129,12 @@ def _existing(path: Path) -> Path:
 
 
 def check_stride(stride: int, manifest: Manifest) -> None:
-    """A stride wider than a model's square leaves pixels between its windows without a prediction: refused."""
-    narrowest = min(manifest.models, key=lambda m: m.side)
+    """A stride wider than a model's square leaves pixels between its windows without a prediction: refused. The GP
+    family's windows have their own stride (its manifest fields), so ``--stride`` is not theirs."""
+    squares = [m for m in manifest.models if m.arch != GP_ARCH]
+    if not squares:
+        return
+    narrowest = min(squares, key=lambda m: m.side)
     if stride > narrowest.side:
         raise UserError(
             f"--stride {stride}: wider than the {narrowest.side}-px square of model {narrowest.name!r}, so pixels "
@@ -172,6 +177,8 @@ def check_inputs(cfg: RunConfig, manifest: Manifest | None = None) -> Inputs:
             raise UserError(f"{path}: {option} is a file, expected a folder")
     manifest = manifest if manifest is not None else load_manifest(cfg.manifest)
     check_stride(cfg.stride, manifest)
+    if cfg.gp_png and not any(s.arch == GP_ARCH for s in manifest.models):
+        raise UserError(f"{cfg.manifest}: --gp-png draws a {GP_ARCH} model's map, and this manifest has none")
     check_weight_files(manifest, cfg.weights, allow_random=cfg.allow_random_weights)
     prepare_out(cfg.out)
     fragments, warnings = find_fragments(cfg.data, layers=cfg.layer_choice, remote=cfg.remote, mask=cfg.mask)
@@ -218,6 +225,9 @@ def output_targets(
                 (probability_path(cfg.out, f"{p.id}.{s.name}", cfg.prob_format), "model map")
                 for s in manifest.models
             ]
+        if cfg.gp_png:
+            found += [(gp_picture_path(cfg.out, s.name, p.id, s.z_range[0]), "GP picture")
+                      for s in manifest.models if s.arch == GP_ARCH]  # fmt: skip
     return found
 
 

@@ -18,6 +18,9 @@ from ink_infer.volumes.segments import segment_mask, segment_masks
 log = logging.getLogger(__name__)
 
 
+NO_MASK_FILE = "missing, using every pixel"  # the note of a fragment without a mask file
+
+
 def load_mask(fragment: Fragment, shape: tuple[int, ...], pyramid=None) -> tuple[np.ndarray, str | None]:
     """The fragment's mask as ``(H, W)`` bool (pixel > 0), ``shape`` being ``(H, W)`` or ``(65, H, W)``.
 
@@ -39,7 +42,7 @@ def load_mask(fragment: Fragment, shape: tuple[int, ...], pyramid=None) -> tuple
                 if fragment.remote
                 else shown_path(path, base)
             )
-            return np.ones(shape[-2:], bool), f"{shown}: missing, using every pixel"
+            return np.ones(shape[-2:], bool), f"{shown}: {NO_MASK_FILE}"
         mask, note = found
         if fragment.rotate:
             from ink_infer.volumes.rotation import turn
