@@ -14,10 +14,14 @@ with scheduled TTA: its windows (the synthetic fragment's own plan) / windows/s 
 model, eager and compiled, on this GPU; and on Kaggle's T4 (65 TFLOP/s dense fp16) at the same share of the peak
 as measured here (an assumption: the T4's share was never measured).
 
+The GP TimeSformer family (``--gp-size``, 0 skips it): its forward as a run holds it (float32 weights, fp16
+autocast) on uint8 tiles, windows/s, TFLOP/s and % of the fp16 peak; then ``predict_gp`` over a synthetic segment
+without a mask (the streaming loop around the forward).
+
 Phase 2 (``--pipeline-minutes M``): the real pipeline (``ink_infer.run.pipeline.run``) over that fragment for M
 minutes of budget, as before (the budget check skips what would end past it; skipped models are projected from
 their fold twin). Writes OUT/gpu_ensemble.json. Runs on the CPU too, for a smoke test
-(``--size 640x640 --models 2 --windows 8``).
+(``--size 640x640 --models 2 --windows 8 --gp-size 128``).
 """
 
 from __future__ import annotations
@@ -169,6 +173,53 @@ def project_ensemble(rows: list[dict], specs, windows: int) -> dict:
     return out
 
 
+def gp_row(device: torch.device, *, reps: int, batch: int | None, size: int) -> dict:
+    """The GP TimeSformer family (``--manifest gp``): its model as a run holds it (float32 weights, fp16 autocast
+    on CUDA) through ``TorchForward`` on uint8 tiles (the upload, the conversion and the sigmoid included), then
+    ``predict_gp`` over a synthetic ``size``-px square segment without a mask (the streaming loop around it)."""
+    import numpy as np
+
+    from ink_infer.models.gp_family import BATCH
+    from ink_infer.models.gp_predict import TorchForward, predict_gp
+    from ink_infer.run.model_run import load_model
+    from ink_infer.volumes.fragment import Fragment
+    from ink_infer.volumes.reader import open_volume
+
+    spec = load_manifest(ROOT / "ink_infer" / "gp_timesformer.json").models[0]
+    flops = flops_per_window(spec, device, torch.float32)
+    model, _ = load_model(spec, None, device=device, dtype=torch.float32)
+    forward = TorchForward(model, device)
+    batch = batch or BATCH.get(device.type, BATCH["cpu"])
+    tiles = np.random.default_rng(0).integers(0, 201, (batch, 1, 26, 64, 64), dtype=np.uint8)
+    forward(tiles)  # warm-up (cuDNN / autotuning)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        forward(tiles)
+    sync()
+    wps = reps * batch / (time.perf_counter() - t0)
+    from ink_infer.synthetic.fragments import write_segment
+
+    seg = Path("/tmp/ink_infer_gpu_bench") / "gp" / "s1"
+    if not (seg / "layers" / "64.tif").exists():
+        write_segment(seg.parent, "s1", shape=(size, size), seed=1)
+    with open_volume(Fragment("s1", seg, layout="segment", layers=tuple(range(65)))) as volume:
+        t0 = time.perf_counter()
+        _, n = predict_gp(forward, volume, None, batch_size=batch)
+        loop_wps = n / (time.perf_counter() - t0)
+    peak = peak_flops(device)
+    row = {"config": spec.name, "batch": batch, "gflop_per_window": flops / 1e9, "forward_wps": wps,
+           "forward_tflops": flops * wps / 1e12, "segment": f"{size}x{size}", "segment_windows": n,
+           "segment_wps": loop_wps}  # fmt: skip
+    row["forward_pct"] = 100 * row["forward_tflops"] * 1e12 / peak if peak else None
+    print(f"GP TimeSformer: forward {wps:.0f} win/s ({row['forward_tflops']:.1f} TFLOP/s, "
+          f"{row['forward_pct'] or 0:.1f} % of the fp16 peak); over a {size}-px segment {loop_wps:.0f} win/s "
+          f"({n} windows)", flush=True)  # fmt: skip
+    del model, forward
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -183,6 +234,8 @@ def main() -> None:
     p.add_argument(
         "--fast-data", action="store_true", help="noise slices and an elliptic mask, written in seconds"
     )
+    p.add_argument("--gp-size", type=int, default=2048,
+                   help="the GP family's synthetic segment, px a side; 0: the GP family is not measured")  # fmt: skip
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import logging
@@ -222,6 +275,8 @@ def main() -> None:
     ensemble = project_ensemble(rows, specs, windows)
     summary = {"configs": rows, "ensemble": ensemble, "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}  # fmt: skip
+    if args.gp_size:
+        summary["gp_family"] = gp_row(device, reps=args.reps, batch=args.windows, size=args.gp_size)
     print(
         f"the {len(specs)}-model ensemble over {windows} windows per model, this device: eager "
         f"{ensemble['eager_s'] / 60:.1f} min, compiled {ensemble['compiled_s'] / 60:.1f} min (compiles included)"
