@@ -144,6 +144,17 @@ def test_the_packaged_gp_manifest_by_name(tmp_path):
     (model,) = rep["models"]
     assert model["name"] == "timesformer_GP_scroll1" and model["status"] == "ok"
     assert model["fragments"]["s1"]["windows"] == 3
+    # the projection counts the GP's own windows (every 21 px, wholly inside the mask), not the 2nd place's
+    from ink_infer.models.gp_family import kept_origins
+    from ink_infer.volumes.fragment import Fragment
+
+    fragment = Fragment("s1", seg, layout="segment", layers=tuple(range(65)))
+    with open_volume(fragment) as volume:
+        mask, _ = load_mask(fragment, (volume.height, volume.width))
+    windows = len(kept_origins(mask, mask.shape, area=(0, 200, 0, 240)))
+    projection = model["projection"]
+    hours, rate = projection["projected_hours"], projection["s_per_window"]
+    assert windows > 5 and hours * 3600 / rate == pytest.approx(windows)
 
 
 def test_villas_variants_are_manifest_fields_and_key_the_partials(data, tmp_path, standins):

@@ -125,19 +125,24 @@ def padded_mask(mask: np.ndarray | None, height: int, width: int) -> np.ndarray:
 
 
 def kept_origins(
-    mask: np.ndarray | None, shape: tuple[int, int], settings: GPSettings = GP_SCRIPT
-) -> np.ndarray:
+    mask: np.ndarray | None, shape: tuple[int, int], settings: GPSettings = GP_SCRIPT,
+    area: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:  # fmt: skip
     """``(N, 2)`` int64 ``(y, x)`` of the windows the run keeps, row-major: every ``stride`` on the padded plane of
     a ``shape`` segment, wholly inside ``mask`` (``(H, W)`` bool; None: no mask file, every pixel and the padding
-    valid), or touching it under ``windows: any``. One origin row at a time: never a plane-sized table."""
+    valid), or touching it under ``windows: any``; with ``area`` (``(y0, y1, x0, x1)`` of the padded plane) only
+    those reaching it. One origin row at a time: never a plane-sized table."""
     ph, pw = padded_shape(*shape)
     ys = np.arange(0, ph - TILE + 1, settings.stride)
     xs = np.arange(0, pw - TILE + 1, settings.stride)
+    if area is not None:
+        y0, y1, x0, x1 = area
+        ys, xs = ys[(ys > y0 - TILE) & (ys < y1)], xs[(xs > x0 - TILE) & (xs < x1)]
     if mask is None:
-        y0, x0 = np.meshgrid(ys, xs, indexing="ij")
-        return np.stack([y0.ravel(), x0.ravel()], axis=1).astype(np.int64)
+        y, x = np.meshgrid(ys, xs, indexing="ij")
+        return np.stack([y.ravel(), x.ravel()], axis=1).astype(np.int64)
     h, w = mask.shape
-    found = []
+    found = [np.zeros((0, 2), np.int64)]
     for y in ys:
         cols = np.zeros(pw + 1, np.int64)  # mask pixels per column of rows [y, y + 64), summed along the row
         np.cumsum(mask[y : y + TILE].sum(axis=0, dtype=np.int64), out=cols[1 : w + 1])
@@ -145,7 +150,17 @@ def kept_origins(
         inside = cols[xs + TILE] - cols[xs]
         keep = xs[inside > 0 if settings.windows == "any" else inside == TILE * TILE]
         found.append(np.stack([np.full(len(keep), y), keep], axis=1))
-    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), np.int64)
+    return np.concatenate(found).astype(np.int64)
+
+
+def window_count(plan, settings: GPSettings) -> int:
+    """The windows a unit of this family runs over ``plan`` (a fragment or a row range: its ``shape``, ``mask``,
+    ``mask_file``, ``rows``): what the progress, the budget check and a dry run's projection count."""
+    y0, y1 = unit_rows(plan.shape, plan.rows)
+    if y1 <= y0:
+        return 0
+    mask = plan.mask if plan.mask_file else None
+    return len(kept_origins(mask, plan.shape, settings, (y0, y1, 0, plan.shape[1])))
 
 
 def layer_indices(settings: GPSettings) -> list[int]:

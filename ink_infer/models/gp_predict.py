@@ -125,14 +125,7 @@ def predict_gp(
     that many windows, spread over the plane (a dry run's timing)."""
     h, w = volume.height, volume.width
     y0, y1, x0, x1 = area if area is not None else (0, h, 0, w)
-    origins = kept_origins(mask, (h, w), settings)
-    near = (
-        (origins[:, 0] > y0 - TILE)
-        & (origins[:, 0] < y1)
-        & (origins[:, 1] > x0 - TILE)
-        & (origins[:, 1] < x1)
-    )
-    origins = origins[near]
+    origins = kept_origins(mask, (h, w), settings, (y0, y1, x0, x1))
     if sample is not None and len(origins) > sample:
         origins = origins[np.linspace(0, len(origins) - 1, sample).round().astype(int)]
     layers = layer_indices(settings)

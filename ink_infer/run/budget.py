@@ -50,12 +50,14 @@ class EtaMonitor:
 
 
 def project(
-    result: ModelResult, *, total_windows: int, grid_blocks: int, touched_blocks: int, stride: int, scale_to
-) -> Projection:
+    result: ModelResult, *, total_windows: int, grid_blocks: int, touched_blocks: int, stride: int, scale_to,
+    window_px: int | None = None,
+) -> Projection:  # fmt: skip
     """A dry run's projection of one model's full run: hours for these fragments and for ``scale_to`` sizes.
 
     ``total_windows``: windows of a full run over these fragments; ``grid_blocks`` / ``touched_blocks``: blocks of
-    their grids / touching their masks (the share of a scaled fragment that would hold windows). The rate is the
+    their grids / touching their masks (the share of a scaled fragment that would hold windows); ``window_px``: a
+    family whose windows are not on the ``stride`` grid (the GP's): pixels per window. The rate is the
     median time per window over the timed batches, leaving out each fragment's first (warm-up: cudnn autotuning,
     allocator growth, lazy initialisation), since a few slow batches must not flip the verdict; the 10th and 90th
     percentiles say how much the batches varied. A compiled model's compile seconds are added once."""
@@ -65,8 +67,11 @@ def project(
     k = stride // BLOCK
     share = touched_blocks / grid_blocks if grid_blocks else 1.0
     compile_h = ((result.tuning or {}).get("compile_s") or 0.0) / 3600  # once per model (--compile)
-    scaled = {f"{h}x{w}": rate * share * (h // BLOCK) * (w // BLOCK) / (k * k) / 3600 + compile_h
-              for h, w in scale_to}  # fmt: skip
+
+    def windows_in(h: int, w: int) -> float:
+        return h * w / window_px if window_px else (h // BLOCK) * (w // BLOCK) / (k * k)
+
+    scaled = {f"{h}x{w}": rate * share * windows_in(h, w) / 3600 + compile_h for h, w in scale_to}
     return Projection(
         s_per_window=rate, projected_hours=rate * total_windows / 3600 + compile_h, projected_hours_scaled=scaled,
         batches=len(rates), s_per_window_p10_p90=spread,

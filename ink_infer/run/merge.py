@@ -29,7 +29,7 @@ from ink_infer.run.faults import RunEnded
 from ink_infer.run.gp_picture import padding_margin, write_picture
 from ink_infer.run.model_run import InPartials, run_model
 from ink_infer.run.partials import PartialStore, safe_name
-from ink_infer.run.plan import FragmentPlan, Unit, model_count
+from ink_infer.run.plan import FragmentPlan, Unit, gp_windows, model_count
 from ink_infer.run.prepare import PreparedRun
 from ink_infer.run.stop import StopRequest
 
@@ -65,7 +65,7 @@ def run_models(
             raise e.cause from None
         result = done.result
         if cfg.dry_run and result.status == "ok":
-            result = dataclasses.replace(result, projection=_projected(run, result))
+            result = dataclasses.replace(result, projection=_projected(run, result, spec))
         report.add_model(result)
         if done.sums:  # all units or none: a model joins the ensemble once it has finished everywhere
             take = functools.partial(_take_sums, done.sums, spec, weights, store)
@@ -83,11 +83,15 @@ def run_models(
     return ensembles
 
 
-def _projected(run: PreparedRun, result):
+def _projected(run: PreparedRun, result, spec):
+    """A dry run's projection of ``spec``'s full run: its own windows (the GP family's are not the 2nd place's)."""
     plans = run.plans
+    gp = spec.arch == gp_family.ARCH
+    windows = sum(gp_windows(p, spec) if gp else len(p.origins) for p in plans)
     return project(
-        result, total_windows=sum(len(p.origins) for p in plans), grid_blocks=sum(p.touched.size for p in plans),
+        result, total_windows=windows, grid_blocks=sum(p.touched.size for p in plans),
         touched_blocks=sum(int(p.touched.sum()) for p in plans), stride=run.cfg.stride, scale_to=run.cfg.scale_to,
+        window_px=gp_family.settings_for(spec).stride ** 2 if gp else None,
     )  # fmt: skip
 
 

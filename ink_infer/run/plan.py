@@ -192,6 +192,8 @@ class Unit:
 
     @property
     def windows(self) -> int:
+        if self.model.arch == gp_family.ARCH:
+            return gp_windows(self.fragment, self.model)
         return len(self.fragment.origins)
 
     def count(self) -> np.ndarray:
@@ -200,6 +202,19 @@ class Unit:
     def block_rows(self) -> tuple[int, int]:
         """The block rows the unit's sums are kept on (``FragmentPlan.block_rows``)."""
         return self.fragment.block_rows(self.model.tile)
+
+
+_GP_WINDOWS: dict[tuple, int] = {}  # gp_windows' answers: counting walks the unit's mask rows
+
+
+def gp_windows(item: FragmentPlan, spec: ModelSpec) -> int:
+    """The windows of a GP-family unit (``gp_family.window_count``), counted once per item and window rule."""
+    settings = gp_family.settings_for(spec)
+    mask_id = (item.fingerprint or {}).get("mask_sha256", id(item.mask))
+    key = (mask_id, item.shape, item.rows, item.mask_file, settings.stride, settings.windows)
+    if key not in _GP_WINDOWS:
+        _GP_WINDOWS[key] = gp_family.window_count(item, settings)
+    return _GP_WINDOWS[key]
 
 
 def plan_run(
