@@ -239,3 +239,23 @@ def test_gp_png_without_a_gp_model_is_one_line(data, tmp_path, capsys):
     assert main(argv(data, tmp_path / "out", manifest, "--gp-png")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gp-png" in err[0] and "m.json" in err[0]
+
+
+def test_torchrun_two_ranks_with_the_gp_family_give_one_process_bytes(tmp_path, mixed):
+    """torchrun (two CPU ranks, gloo) over a mixed manifest with the real TimeSformer: the bytes of one process."""
+    import os
+    import subprocess
+    import sys
+
+    from ink_infer.synthetic.fragments import write_dataset
+
+    frags = write_dataset(tmp_path / "d", test=[("a", 170, 200), ("b", 200, 170)], seed=3)
+    one, ranks = tmp_path / "one", tmp_path / "ranks"
+    assert main(argv(frags, one, mixed)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ink_infer.submit", *argv(frags, ranks, mixed)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert maps(ranks) == maps(one) and len(maps(one)) == 2 * 4
+    assert sorted(p["label"] for p in report_of(ranks)["parts"]) == ["rank 0 of 2", "rank 1 of 2"]
