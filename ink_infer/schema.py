@@ -152,9 +152,9 @@ MODEL_FIELDS: dict[str, Rule] = {
     "head_dim": Int(lo=1, hi=8192),
     "with_norm": Bool(),
     "stride": Int(lo=1, hi=64),
-    "divisor": Real(lo=0.0, lo_open=True),
+    "divisor": Real(lo=1.0),  # 8-bit values run to 200: a smaller divisor is no scale anyone trained on
     **{key: Text(choices=choices) for key, choices in GP_CHOICES.items()},
-    "sigma": Real(lo=0.0, lo_open=True),
+    "sigma": Real(lo=0.25),  # px; narrower, the Gaussian's weights underflow to 0 on every pixel of the tile
     "file": Text(what="a path under --weights"),
     "sha256": Text(pattern=_HEX64, what="64 hex digits"),
     "size": Int(lo=1),

@@ -191,6 +191,8 @@ def test_villas_variants_are_manifest_fields_and_key_the_partials(data, tmp_path
         ({"stride": 0}, "stride 0, expected"),
         ({"sigma": 2.0}, "'sigma' applies to blend 'gaussian' only"),
         ({"divisor": -1}, "divisor -1, expected"),
+        ({"divisor": 0.5}, "divisor 0.5, expected"),
+        ({"blend": "gaussian", "sigma": 0.01}, "sigma 0.01, expected"),
     ],
 )
 def test_a_bad_variant_field_is_one_line(tmp_path, fields, said, capsys):
