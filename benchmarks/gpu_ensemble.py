@@ -179,7 +179,7 @@ def gp_row(device: torch.device, *, reps: int, batch: int | None, size: int) -> 
     ``predict_gp`` over a synthetic ``size``-px square segment without a mask (the streaming loop around it)."""
     import numpy as np
 
-    from ink_infer.models.gp_family import BATCH
+    from ink_infer.models.gp_family import batch_size
     from ink_infer.models.gp_predict import TorchForward, predict_gp
     from ink_infer.run.model_run import load_model
     from ink_infer.volumes.fragment import Fragment
@@ -189,7 +189,7 @@ def gp_row(device: torch.device, *, reps: int, batch: int | None, size: int) -> 
     flops = flops_per_window(spec, device, torch.float32)
     model, _ = load_model(spec, None, device=device, dtype=torch.float32)
     forward = TorchForward(model, device)
-    batch = batch or BATCH.get(device.type, BATCH["cpu"])
+    batch = batch_size(device.type, batch)
     tiles = np.random.default_rng(0).integers(0, 201, (batch, 1, 26, 64, 64), dtype=np.uint8)
     forward(tiles)  # warm-up (cuDNN / autotuning)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -33,7 +33,7 @@ import numpy as np
 from ink_infer.geometry import BLOCK, N_SLICES
 
 ARCH = "timesformer"  # manifest entries of this family
-BATCH = {"cpu": 64, "cuda": 256}  # windows per forward: the GP script's 256 on a GPU
+BATCH = {"cpu": 64, "cuda": 256}  # windows per forward: the GP script's 256 on a GPU (batch_size)
 TILE = 64  # window side
 STRIDE = 21  # the GP script's tile_size // 3
 PAD = 256  # the plane is padded up to (more than) a multiple of this
@@ -60,6 +60,11 @@ class GPSettings:
 
 
 GP_SCRIPT = GPSettings()  # the GP script's own settings
+
+
+def batch_size(device_type: str, requested: int | None = None) -> int:
+    """Windows per forward: ``--batch-size`` when given, else ``BATCH`` for the device (the CPU's elsewhere)."""
+    return requested or BATCH.get(device_type, BATCH["cpu"])
 
 
 def settings_for(spec, layers_reversed: bool = False) -> GPSettings:
@@ -153,14 +158,24 @@ def kept_origins(
     return np.concatenate(found).astype(np.int64)
 
 
-def window_count(plan, settings: GPSettings) -> int:
-    """The windows a unit of this family runs over ``plan`` (a fragment or a row range: its ``shape``, ``mask``,
-    ``mask_file``, ``rows``): what the progress, the budget check and a dry run's projection count."""
+def unit_area(plan) -> tuple[np.ndarray | None, tuple[int, int, int, int]] | None:
+    """What a unit of this family computes over ``plan`` (a fragment or a row range: its ``shape``, ``mask``,
+    ``mask_file``, ``rows``): its mask (None: no mask file) and its ``predict_gp`` area, its own rows of the segment;
+    None when it owns no row."""
     y0, y1 = unit_rows(plan.shape, plan.rows)
     if y1 <= y0:
+        return None
+    return (plan.mask if plan.mask_file else None), (y0, y1, 0, plan.shape[1])
+
+
+def window_count(plan, settings: GPSettings) -> int:
+    """The windows a unit of this family runs over ``plan`` (``unit_area``): what the progress, the budget check
+    and a dry run's projection count."""
+    found = unit_area(plan)
+    if found is None:
         return 0
-    mask = plan.mask if plan.mask_file else None
-    return len(kept_origins(mask, plan.shape, settings, (y0, y1, 0, plan.shape[1])))
+    mask, area = found
+    return len(kept_origins(mask, plan.shape, settings, area))
 
 
 def layer_indices(settings: GPSettings) -> list[int]:

@@ -29,7 +29,7 @@ from ink_infer.models.gp_family import (
     padded_shape,
     scaled,
     to_eight,
-    unit_rows,
+    unit_area,
 )
 
 CELLS = TILE // UPSCALE  # 4 x 4 logits per window
@@ -130,10 +130,11 @@ def predict_gp(
         origins = origins[np.linspace(0, len(origins) - 1, sample).round().astype(int)]
     layers = layer_indices(settings)
     lo, hi = min(layers), max(layers) + 1
-    sums = BandSums(padded_shape(h, w)[1], settings)
+    pw = padded_shape(h, w)[1]
+    sums = BandSums(pw, settings)
     sums.top = int(origins[0, 0]) if len(origins) else y0
     out = np.zeros((y1 - y0, x1 - x0), np.float32)
-    slab = _Slab(volume, lo, hi, [i - lo for i in layers], padded_shape(h, w)[1])
+    slab = _Slab(volume, lo, hi, [i - lo for i in layers], pw)
     as_float = getattr(forward, "wants_float", False)
     for y in (int(v) for v in np.unique(origins[:, 0])):
         _emit(out, sums.top - y0, sums.flush(y), x0)
@@ -160,15 +161,14 @@ def unit_sums(forward, volume, plan, block_rows: tuple[int, int], settings: GPSe
     count of 1 (``gp_family.gp_coverage``) to this family's map; and the windows run. ``plan``: the item (its
     ``shape``, ``mask``, ``mask_file``, ``rows``)."""
     lo, hi = block_rows
-    y0, y1 = unit_rows(plan.shape, plan.rows)
     cw = -(-plan.shape[1] // BLOCK)
     sums = np.zeros(((hi - lo) * BLOCK, cw * BLOCK), np.int64)
-    if y1 <= y0:
+    found = unit_area(plan)
+    if found is None:
         return sums, 0
-    mask = plan.mask if plan.mask_file else None
-    area = (y0, y1, 0, plan.shape[1])
+    mask, area = found
     prob, n = predict_gp(forward, volume, mask, settings, batch_size=batch_size, area=area, sample=sample)
-    top = y0 - lo * BLOCK
+    top = area[0] - lo * BLOCK
     sums[top : top + len(prob), : prob.shape[1]] = np.rint(prob.astype(np.float64) * FIXED_SCALE)
     return sums, n
 
@@ -200,9 +200,8 @@ def _tiles(stack: np.ndarray, xs: np.ndarray, stride: int, divisor: float | None
     if divisor is None:
         return np.stack([stack[:, :, x : x + TILE] for x in xs])[:, None]
     a, b = int(xs[0]), int(xs[-1]) + TILE
-    if b - a > 2 * TILE * len(
-        xs
-    ):  # a sparse batch (a mask's gaps): converting its windows one by one is less
+    sparse = b - a > 2 * TILE * len(xs)  # a mask's gaps: converting its windows one by one is less
+    if sparse:
         return scaled(np.stack([stack[:, :, x : x + TILE] for x in xs])[:, None], divisor)
     span = scaled(stack[:, :, a:b], divisor)
     if len(xs) > 1 and (np.diff(xs) == stride).all():

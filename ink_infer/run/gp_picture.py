@@ -50,17 +50,17 @@ def padding_margin(
     return below, right
 
 
-def write_picture(path: Path, kept: Raster, margin: tuple[np.ndarray, np.ndarray] | None) -> None:
-    """The picture of a model's map ``kept`` (the segment, float32) and its padding ``margin`` (None: zeros), band
-    by band: the padded plane's max first, then each band through ``gp_family.gp_png`` with it."""
+def write_picture(
+    path: Path, kept: Raster, margin: tuple[np.ndarray, np.ndarray] | None, kept_max: float
+) -> None:  # fmt: skip
+    """The picture of a model's map ``kept`` (the segment, float32; its max ``kept_max``) and its padding
+    ``margin`` (None: zeros), band by band, each through ``gp_family.gp_png`` with the padded plane's max."""
     h, w = kept.shape
     ph, pw = gp_family.padded_shape(h, w)
     below, right = (
         margin if margin is not None else (np.zeros((ph - h, pw), np.float32), np.zeros((h, pw - w)))
     )
-    top = max(
-        [float(below.max()), float(right.max())] + [float(kept.piece(lo, hi).max()) for lo, hi in bands(h)]
-    )
+    top = max(kept_max, float(below.max(initial=0.0)), float(right.max(initial=0.0)))
 
     def rows():
         for lo, hi in bands(h):

@@ -121,9 +121,11 @@ def _model_map_kept(run: PreparedRun, plan: FragmentPlan, spec, weights, rows):
     """--save-model-maps, --gp-png: ``rows`` passed on, each also kept (in memory, or on disk for a large
     fragment); once they are all through, the model's probability TIFF and its GP picture are written."""
     kept = Raster(plan.shape, np.float32, _spill(run, plan, spec.name))
+    top = 0.0  # the map's max, for the GP picture: taken as the rows pass, not read back from a spilled map
     try:
         for y0, prob in rows:
             kept.write(y0, prob)  # before the ensemble weights it in place
+            top = max(top, float(prob.max(initial=0.0)))
             yield y0, prob
         if run.cfg.save_model_maps:
             path = probability_path(run.cfg.out, f"{plan.id}.{spec.name}", run.cfg.prob_format)
@@ -133,11 +135,9 @@ def _model_map_kept(run: PreparedRun, plan: FragmentPlan, spec, weights, rows):
             _written(path, lambda: write_probability(path, shape, turned, run.cfg.prob_format))
         if run.cfg.gp_png and spec.arch == gp_family.ARCH:
             path = gp_picture_path(run.cfg.out, spec.name, plan.id, spec.z_range[0])
-            batch = run.options.batch_size or gp_family.BATCH.get(
-                run.runtime.device.type, gp_family.BATCH["cpu"]
-            )
+            batch = gp_family.batch_size(run.runtime.device.type, run.options.batch_size)
             margin = padding_margin(spec, weights, plan, run.runtime, batch)
-            _written(path, lambda: write_picture(path, kept, margin))
+            _written(path, lambda: write_picture(path, kept, margin, top))
     finally:
         kept.delete()
 

@@ -291,7 +291,7 @@ def _prepared(
     elif info["sha256"] != weights.sha256:
         raise ModelRunError(f"{weights.path}: changed since it was checked at the start of the run")
     if gp:
-        batch = options.batch_size or gp_family.BATCH.get(runtime.device.type, gp_family.BATCH["cpu"])
+        batch = gp_family.batch_size(runtime.device.type, options.batch_size)
         return model, False, Loaded(info, {"batch_size": batch, "compile": "none", "compile_s": 0.0})
     tuning = tune(
         model, spec, device=runtime.device, dtype=runtime.dtype, gpu_mem_gb=options.gpu_mem_gb,
